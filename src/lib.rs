@@ -1,9 +1,190 @@
 //! smsgw: an SMS gateway daemon.
 //!
 //! The modules follow one message through the gateway:
-//! HTTP (`api`) → validation and policy → durable queue (`store`) → `dispatch` → SMPP session
-//! (`smpp`) → `receipt` → `webhook`.
+//! HTTP (`api`) → validation → durable queue (`store`) → `dispatch` → `router` → SMPP session
+//! (`smpp`) → `receipt` → `webhook`. This file wires them and owns the order of start and
+//! shutdown.
 
+pub mod api;
+pub mod config;
+pub mod dispatch;
 pub mod encoding;
+pub mod message;
 pub mod receipt;
+pub mod router;
 pub mod sim;
+pub mod smpp;
+pub mod store;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::api::AppState;
+use crate::api::auth::Accounts;
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::router::Router;
+use crate::smpp::Carrier;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use crate::webhook::WebhookSender;
+
+/// Sockets the daemon serves on, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub http: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot start the simulated carrier `{carrier}`: {source}")]
+    Simulator {
+        carrier: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then stops in order: the HTTP API stops
+/// accepting, the dispatcher stops claiming and waits for the messages in flight, each bind
+/// drains its window and unbinds, webhooks in flight finish, and the store commits what is
+/// queued. Nothing accepted is lost: what did not go out stays queued for the next start.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&config.store.path, config.store.max_batch).await?);
+    // One instance owns an SQLite file: whatever was being sent when it last stopped is ours.
+    let released = store.release_claims(true).await?;
+    if released > 0 {
+        warn!(
+            messages = released,
+            "messages left in flight by the previous run are queued again"
+        );
+    }
+    // The numbering-plan metadata loads on first use (about 100 ms); not on a request.
+    let _ = message::Msisdn::parse("+46701234567");
+
+    let binds = TaskTracker::new();
+    let simulators = CancellationToken::new();
+    let inbound = Arc::new(inbound_routes(&config));
+    let mut carriers = Vec::new();
+    for carrier in &config.carriers {
+        let address = match (&carrier.simulator, &carrier.address) {
+            (Some(sim_config), _) => {
+                // The simulated SMSC expects the credentials this carrier binds with.
+                let mut sim_config = sim_config.clone();
+                sim_config.system_id = carrier.system_id.clone();
+                sim_config.password = carrier.password.expose().to_owned();
+                start_simulator(&carrier.name, sim_config, simulators.clone()).await?
+            }
+            (None, Some(address)) => address.clone(),
+            (None, None) => continue,
+        };
+        let deliver = receipt::handler(store.clone(), carrier.name.clone(), inbound.clone());
+        carriers.push(Arc::new(Carrier::start(
+            carrier.clone(),
+            address,
+            deliver,
+            &binds,
+            shutdown.clone(),
+        )));
+    }
+    binds.close();
+    let router = Arc::new(Router::new(carriers));
+
+    let dispatcher = tokio::spawn(
+        Dispatcher {
+            store: store.clone(),
+            router: router.clone(),
+            config: config.messages.clone(),
+            lease: config.store.lease,
+        }
+        .run(shutdown.clone()),
+    );
+    let webhooks = tokio::spawn(
+        WebhookSender {
+            store: store.clone(),
+            secrets: config
+                .accounts
+                .iter()
+                .filter_map(|a| Some((a.name.clone(), a.webhook_secret.clone()?.0)))
+                .collect(),
+            client: WebhookSender::client(&config.webhooks),
+            config: config.webhooks.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+
+    let state = AppState {
+        store: store.clone(),
+        accounts: Arc::new(Accounts::from_config(&config.accounts)),
+        carriers: router,
+        http: Arc::new(config.http.clone()),
+        messages: Arc::new(config.messages.clone()),
+    };
+    let address = listeners.http.local_addr().map_err(RunError::Http)?;
+    info!(%address, "HTTP API listening");
+    let served = axum::serve(listeners.http, api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+
+    info!("shutting down: draining binds");
+    let _ = dispatcher.await;
+    binds.wait().await;
+    let _ = webhooks.await;
+    simulators.cancel();
+    store.close().await;
+    info!("stopped");
+    served.map_err(RunError::Http)
+}
+
+/// Which account an inbound SMS belongs to, by the number or sender id it was sent to, and
+/// that account's webhook.
+fn inbound_routes(config: &Config) -> HashMap<String, receipt::InboundRoute> {
+    let mut routes = HashMap::new();
+    for account in &config.accounts {
+        for sender in &account.senders {
+            routes.insert(
+                sender.trim_start_matches('+').to_owned(),
+                receipt::InboundRoute {
+                    account: account.name.clone(),
+                    webhook_url: account.webhook_url.clone(),
+                },
+            );
+        }
+    }
+    routes
+}
+
+async fn start_simulator(
+    carrier: &str,
+    config: sim::SimConfig,
+    shutdown: CancellationToken,
+) -> Result<String, RunError> {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|source| RunError::Simulator {
+            carrier: carrier.to_owned(),
+            source,
+        })?;
+    let handle = sim::start(listener, config, shutdown);
+    let address = handle.local_addr();
+    warn!(
+        carrier,
+        %address,
+        "SIMULATED carrier: messages are not delivered to real phones; configure `address` for a real SMSC"
+    );
+    Ok(address.to_string())
+}

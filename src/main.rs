@@ -1,1 +1,156 @@
-fn main() {}
+//! The `smsgw` command: parses the command line, loads the configuration, starts logging and
+//! hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use smsgw::config::{Config, LogFormat, LoggingConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "smsgw",
+    version,
+    about = "An SMS gateway: HTTP JSON API in, SMPP out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and report every problem in it.
+    CheckConfig {
+        #[arg(default_value = "config/smsgw.toml")]
+        path: PathBuf,
+    },
+    /// Run a simulated SMSC (an SMPP server) for tests and trials.
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:2775")]
+        listen: SocketAddr,
+        /// A TOML file of simulator settings (the keys of `[carriers.simulator]`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Make a new API key and the hash to put in an account's `api_keys`.
+    ApiKey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Sim { listen, config } => sim(listen, config.as_deref()),
+        Command::ApiKey => {
+            let key = smsgw::api::auth::new_key();
+            println!("key:  {key}");
+            println!("hash: {}", smsgw::api::auth::hash_key(&key));
+            println!("Give the key to the application; put the hash in the account's api_keys.");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smsgw: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    init_logging(&config.logging);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let http = TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        smsgw::run(config, smsgw::Listeners { http }, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!(
+        "{}: valid ({} accounts, {} carriers)",
+        path.display(),
+        config.accounts.len(),
+        config.carriers.len()
+    );
+    Ok(())
+}
+
+fn sim(listen: SocketAddr, path: Option<&Path>) -> anyhow::Result<()> {
+    let config: smsgw::sim::SimConfig = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => Default::default(),
+    };
+    let problems = config.validate();
+    anyhow::ensure!(
+        problems.is_empty(),
+        "invalid simulator settings: {}",
+        problems.join("; ")
+    );
+    init_logging(&LoggingConfig::default());
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let shutdown = CancellationToken::new();
+        let handle = smsgw::sim::start(listener, config, shutdown.clone());
+        tracing::info!(address = %handle.local_addr(), "simulated SMSC listening");
+        stop_on_signal(shutdown).await;
+        Ok(())
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or ctrl-c.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("stop requested");
+    shutdown.cancel();
+}
+
+fn init_logging(config: &LoggingConfig) {
+    // rusmpp logs PDUs (bodies and numbers) at debug: keep it at warn whatever the level.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rusmpp=warn,sqlx=warn", config.level)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

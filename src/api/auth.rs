@@ -1,0 +1,138 @@
+//! API keys: an account is found by the SHA-256 of the key it presents. Keys are random tokens,
+//! so a fast hash is enough (a slow password hash would only invite denial of service); the
+//! configuration holds only hashes, and every comparison is in constant time.
+
+use axum::http::HeaderMap;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::AccountConfig;
+
+/// An account as the API needs it.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub webhook_url: Option<String>,
+    key_hashes: Vec<[u8; 32]>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Accounts(Vec<Account>);
+
+impl Accounts {
+    pub fn from_config(accounts: &[AccountConfig]) -> Accounts {
+        Accounts(
+            accounts
+                .iter()
+                .map(|a| Account {
+                    name: a.name.clone(),
+                    webhook_url: a.webhook_url.clone(),
+                    key_hashes: a
+                        .api_keys
+                        .iter()
+                        .filter_map(|h| parse_key_hash(h))
+                        .collect(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The account of the `Authorization: Bearer` key, if any. Every configured hash is
+    /// compared, so the time taken does not tell which account or how many bytes matched.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<&Account> {
+        let value = headers
+            .get(axum::http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let key = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))?
+            .trim();
+        if key.is_empty() {
+            return None;
+        }
+        let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = None;
+        for account in &self.0 {
+            for hash in &account.key_hashes {
+                if bool::from(hash.ct_eq(&presented)) {
+                    found = Some(account);
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Parses `sha256:<64 hex digits>`.
+pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
+    let hex_digits = text.strip_prefix("sha256:")?;
+    let bytes = hex::decode(hex_digits).ok()?;
+    bytes.try_into().ok()
+}
+
+/// The configuration line for a key.
+pub fn hash_key(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+/// A new random key: 32 bytes from the OS generator, hex, with a recognisable prefix.
+pub fn new_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("smsgw_{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn accounts() -> Accounts {
+        Accounts::from_config(&[
+            AccountConfig {
+                name: "a".into(),
+                api_keys: vec![hash_key("key-a")],
+                webhook_url: None,
+                webhook_secret: None,
+                senders: vec![],
+            },
+            AccountConfig {
+                name: "b".into(),
+                api_keys: vec![hash_key("key-b1"), hash_key("key-b2")],
+                webhook_url: None,
+                webhook_secret: None,
+                senders: vec![],
+            },
+        ])
+    }
+
+    fn bearer(key: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn each_key_finds_its_own_account() {
+        let accounts = accounts();
+        assert_eq!(accounts.authenticate(&bearer("key-a")).unwrap().name, "a");
+        assert_eq!(accounts.authenticate(&bearer("key-b2")).unwrap().name, "b");
+        assert!(accounts.authenticate(&bearer("key-c")).is_none());
+        assert!(accounts.authenticate(&bearer("")).is_none());
+        assert!(accounts.authenticate(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn generated_keys_hash_to_a_valid_config_line() {
+        let key = new_key();
+        assert!(key.starts_with("smsgw_"));
+        assert!(parse_key_hash(&hash_key(&key)).is_some());
+        assert!(parse_key_hash("sha256:abc").is_none());
+        assert!(parse_key_hash("md5:00").is_none());
+    }
+}

@@ -1,0 +1,606 @@
+//! Configuration: serde types with their defaults, and `validate()`, which reports every problem at
+//! once, each naming its key. The file is parsed once at start-up; nothing else reads TOML.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sim::SimConfig;
+
+/// The whole configuration file. Every table is optional; an empty file is a working gateway
+/// with a simulated carrier (see `config/smsgw.toml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub store: StoreConfig,
+    pub messages: MessagesConfig,
+    pub webhooks: WebhooksConfig,
+    pub privacy: PrivacyConfig,
+    pub logging: LoggingConfig,
+    pub accounts: Vec<AccountConfig>,
+    pub carriers: Vec<CarrierConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the HTTP API listens. Loopback by default: applications are local.
+    pub listen: SocketAddr,
+    /// Largest request body accepted (a batch of messages is one body).
+    pub max_body_bytes: usize,
+    /// Most messages in one batch request.
+    pub max_batch: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            max_batch: 1000,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The SQLite database file. Relative paths are taken from the working directory (under
+    /// systemd that is the unit's `StateDirectory`).
+    pub path: PathBuf,
+    /// Most operations committed in one transaction by the writer (group commit).
+    pub max_batch: usize,
+    /// How long a claimed message stays leased to this process before it may be claimed again.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("state/smsgw.db"),
+            max_batch: 1024,
+            lease: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What to do with a message whose submit_sm was written but never answered (link lost,
+/// response timeout): SMPP has no idempotency, so the choice is between a possible duplicate and
+/// a possible loss (DOMAIN.md §1.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownOutcome {
+    /// Submit again: at-least-once, a duplicate SMS is possible and recorded in the history.
+    Resubmit,
+    /// Mark the message `unknown` and leave it: at-most-once.
+    MarkUnknown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    /// Validity when a submission gives none; the gateway retries until it ends (`expired`).
+    #[serde(with = "humantime_serde")]
+    pub default_validity: Duration,
+    /// Longest validity a submission may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_validity: Duration,
+    /// Longest text accepted, in SMS segments.
+    pub max_segments: usize,
+    /// Delays between attempts after a temporary failure; the last one repeats.
+    pub retry_schedule: Schedule,
+    pub on_unknown_outcome: UnknownOutcome,
+    /// How many messages the dispatcher keeps in flight towards the carriers at most.
+    pub max_in_flight: usize,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        MessagesConfig {
+            default_validity: Duration::from_secs(48 * 3600),
+            max_validity: Duration::from_secs(7 * 24 * 3600),
+            max_segments: 10,
+            retry_schedule: Schedule::from_secs(&[5, 30, 120, 600, 1800]),
+            on_unknown_outcome: UnknownOutcome::Resubmit,
+            max_in_flight: 2048,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Delays between delivery attempts; the last one repeats until `give_up_after`.
+    pub retry_schedule: Schedule,
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+    /// Most webhook requests in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            timeout: Duration::from_secs(5),
+            retry_schedule: Schedule::from_secs(&[1, 5, 30, 120, 600, 3600]),
+            give_up_after: Duration::from_secs(3 * 24 * 3600),
+            concurrency: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Key of the HMAC-SHA256 pseudonym that logs show instead of a phone number.
+    pub pseudonym_key: Secret,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            pseudonym_key: Secret(String::new()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `info,smsgw::smpp=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// An application that may submit messages. Accounts never see each other's messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub name: String,
+    /// SHA-256 hashes of the account's API keys, as `sha256:<hex>` (`smsgw api-key` makes one).
+    pub api_keys: Vec<String>,
+    /// Where status changes and inbound replies are posted when a message names no `callback_url`.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// Key of the HMAC-SHA256 signature on every webhook of this account.
+    #[serde(default)]
+    pub webhook_secret: Option<Secret>,
+    /// Senders this account may use; inbound replies to these are posted to this account.
+    #[serde(default)]
+    pub senders: Vec<String>,
+}
+
+/// One carrier SMSC. Either `address` (a real SMSC) or `simulator` (an SMSC simulated inside
+/// this process, for trying the gateway without a carrier account) is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarrierConfig {
+    pub name: String,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub simulator: Option<SimConfig>,
+    #[serde(default = "default_system_id")]
+    pub system_id: String,
+    #[serde(default = "default_password")]
+    pub password: Secret,
+    #[serde(default)]
+    pub system_type: String,
+    /// Number of transceiver binds to keep open.
+    #[serde(default = "default_binds")]
+    pub binds: usize,
+    /// Most submit_sm awaiting their response on one bind.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// submit_sm per second on one bind, counted in segments.
+    #[serde(default = "default_rate")]
+    pub rate_per_second: u32,
+    #[serde(default = "default_enquire_link", with = "humantime_serde")]
+    pub enquire_link_interval: Duration,
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// How long a draining bind waits for its window to empty at shutdown.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_system_id() -> String {
+    "smsgw".into()
+}
+fn default_password() -> Secret {
+    Secret("secret".into())
+}
+fn default_binds() -> usize {
+    1
+}
+fn default_window() -> usize {
+    10
+}
+fn default_rate() -> u32 {
+    100
+}
+fn default_enquire_link() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Delays between attempts, written `["5s", "30s", "2m"]`; the last delay repeats.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "Vec<humantime_serde::Serde<Duration>>")]
+pub struct Schedule(pub Vec<Duration>);
+
+impl Schedule {
+    pub fn from_secs(secs: &[u64]) -> Schedule {
+        Schedule(secs.iter().copied().map(Duration::from_secs).collect())
+    }
+
+    /// The delay before attempt `attempt + 1`, after `attempt` failed ones (counted from 1).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let index = (attempt.max(1) as usize - 1).min(self.0.len().saturating_sub(1));
+        self.0
+            .get(index)
+            .copied()
+            .unwrap_or(Duration::from_secs(60))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<humantime_serde::Serde<Duration>>> for Schedule {
+    fn from(delays: Vec<humantime_serde::Serde<Duration>>) -> Schedule {
+        Schedule(delays.into_iter().map(|d| d.into_inner()).collect())
+    }
+}
+
+/// A value never shown in `Debug` output or logs.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Why the configuration was refused: every problem found, each naming its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem in the configuration, each starting with the key it concerns.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, key: &str, why: &str| {
+            if !ok {
+                problems.push(format!("{key}: {why}"));
+            }
+        };
+        need(
+            self.http.max_body_bytes >= 1024,
+            "http.max_body_bytes",
+            "must be at least 1024",
+        );
+        need(
+            self.http.max_batch >= 1,
+            "http.max_batch",
+            "must be at least 1",
+        );
+        need(
+            self.store.max_batch >= 1,
+            "store.max_batch",
+            "must be at least 1",
+        );
+        need(
+            self.store.lease >= Duration::from_secs(10),
+            "store.lease",
+            "must be at least 10s",
+        );
+        let m = &self.messages;
+        need(
+            (1..=255).contains(&m.max_segments),
+            "messages.max_segments",
+            "must be between 1 and 255",
+        );
+        need(
+            !m.default_validity.is_zero() && m.default_validity <= m.max_validity,
+            "messages.default_validity",
+            "must be above zero and at most messages.max_validity",
+        );
+        need(
+            !m.retry_schedule.is_empty(),
+            "messages.retry_schedule",
+            "must list at least one delay",
+        );
+        need(
+            m.max_in_flight >= 1,
+            "messages.max_in_flight",
+            "must be at least 1",
+        );
+        need(
+            !self.webhooks.retry_schedule.is_empty(),
+            "webhooks.retry_schedule",
+            "must list at least one delay",
+        );
+        need(
+            self.webhooks.concurrency >= 1,
+            "webhooks.concurrency",
+            "must be at least 1",
+        );
+        need(
+            self.privacy.pseudonym_key.expose().len() >= 16,
+            "privacy.pseudonym_key",
+            "must be set to a secret of at least 16 characters",
+        );
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            problems.push(format!(
+                "logging.level: `{}` is not a valid filter",
+                self.logging.level
+            ));
+        }
+        self.validate_accounts(&mut problems);
+        self.validate_carriers(&mut problems);
+        problems
+    }
+
+    fn validate_accounts(&self, problems: &mut Vec<String>) {
+        let mut names = std::collections::HashSet::new();
+        for (i, account) in self.accounts.iter().enumerate() {
+            let key = format!("accounts[{i}]");
+            if account.name.is_empty() || !names.insert(account.name.as_str()) {
+                problems.push(format!("{key}.name: must be set and unique"));
+            }
+            if account.api_keys.is_empty() {
+                problems.push(format!("{key}.api_keys: needs at least one key hash"));
+            }
+            for (j, hash) in account.api_keys.iter().enumerate() {
+                if crate::api::auth::parse_key_hash(hash).is_none() {
+                    problems.push(format!(
+                        "{key}.api_keys[{j}]: must be `sha256:` and 64 hex digits (see `smsgw api-key`)"
+                    ));
+                }
+            }
+            if let Some(url) = &account.webhook_url {
+                if reqwest::Url::parse(url)
+                    .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+                {
+                    problems.push(format!("{key}.webhook_url: must be an http or https URL"));
+                }
+                if account.webhook_secret.is_none() {
+                    problems.push(format!(
+                        "{key}.webhook_secret: must be set when webhook_url is (webhooks are always signed)"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn validate_carriers(&self, problems: &mut Vec<String>) {
+        if self.carriers.is_empty() {
+            problems.push("carriers: at least one carrier is needed".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.carriers.iter().enumerate() {
+            let key = format!("carriers[{i}]");
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                problems.push(format!("{key}.name: must be set and unique"));
+            }
+            match (&c.address, &c.simulator) {
+                (Some(_), Some(_)) | (None, None) => problems.push(format!(
+                    "{key}: set exactly one of `address` (a real SMSC) or `simulator`"
+                )),
+                (Some(address), None) if !address.contains(':') => {
+                    problems.push(format!("{key}.address: must be host:port"))
+                }
+                (None, Some(sim)) => problems.extend(
+                    sim.validate()
+                        .into_iter()
+                        .map(|p| format!("{key}.simulator.{p}")),
+                ),
+                _ => {}
+            }
+            if c.system_id.is_empty() || c.system_id.len() > 15 {
+                problems.push(format!("{key}.system_id: must be 1 to 15 characters"));
+            }
+            if c.password.expose().len() > 8 {
+                problems.push(format!("{key}.password: SMPP allows at most 8 characters"));
+            }
+            if c.system_type.len() > 12 {
+                problems.push(format!(
+                    "{key}.system_type: SMPP allows at most 12 characters"
+                ));
+            }
+            if c.binds == 0 || c.binds > 64 {
+                problems.push(format!("{key}.binds: must be between 1 and 64"));
+            }
+            if c.window == 0 || c.window > 1000 {
+                problems.push(format!("{key}.window: must be between 1 and 1000"));
+            }
+            if c.rate_per_second == 0 {
+                problems.push(format!("{key}.rate_per_second: must be at least 1"));
+            }
+            if c.reconnect_min.is_zero() || c.reconnect_min > c.reconnect_max {
+                problems.push(format!(
+                    "{key}.reconnect_min: must be above zero and at most reconnect_max"
+                ));
+            }
+            if c.response_timeout.is_zero() {
+                problems.push(format!("{key}.response_timeout: must be above zero"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+        [privacy]
+        pseudonym_key = "0123456789abcdef0123"
+        [[carriers]]
+        name = "sim"
+        simulator = {}
+    "#;
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let text = include_str!("../config/smsgw.toml");
+        let config = parse(text).expect("config/smsgw.toml must be valid");
+        assert_eq!(config.carriers[0].name, "simulated");
+        assert!(config.carriers[0].simulator.is_some());
+    }
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.http.listen.port(), 8080);
+        assert_eq!(config.carriers[0].window, 10);
+        assert_eq!(config.messages.on_unknown_outcome, UnknownOutcome::Resubmit);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = parse(&format!("{MINIMAL}\n[http]\nlisten_port = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let text = r#"
+            [messages]
+            max_segments = 0
+            [[carriers]]
+            name = "a"
+            address = "nowhere"
+            window = 0
+        "#;
+        let err = parse(text).unwrap_err().to_string();
+        for key in [
+            "messages.max_segments",
+            "privacy.pseudonym_key",
+            "carriers[0].address",
+            "carriers[0].window",
+        ] {
+            assert!(err.contains(key), "missing {key} in {err}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_name_the_key() {
+        let err = parse(&format!("{MINIMAL}\n[store]\nlease = \"soon\"\n")).unwrap_err();
+        assert!(err.to_string().contains("lease"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_debug_output() {
+        let config = parse(MINIMAL).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("0123456789abcdef0123"));
+        assert!(!shown.contains("\"secret\""));
+    }
+
+    #[test]
+    fn api_key_hashes_are_checked() {
+        let text = format!("{MINIMAL}\n[[accounts]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("accounts[0].api_keys[0]"), "{err}");
+    }
+}

@@ -1,0 +1,382 @@
+//! The dispatcher: claims due messages from the store, sends each through a carrier, and turns
+//! the carrier's answers into the message's next status. [`decide`] is the one place where an
+//! SMPP outcome becomes a status or a retry time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::config::{MessagesConfig, Schedule, UnknownOutcome};
+use crate::encoding;
+use crate::message::{Sender, Status, now_ms};
+use crate::router::Router;
+use crate::smpp::status::{StatusClass, classify, describe};
+use crate::smpp::{SubmitOutcome, submit_pdus};
+use crate::store::{AcceptedPart, AttemptResult, Claimed, Next, Store};
+
+/// How long a message waits when no carrier is bound.
+const NO_CARRIER_DELAY_MS: i64 = 2_000;
+/// How long a throttled message waits; the link itself also pauses.
+const THROTTLED_DELAY_MS: i64 = 1_000;
+/// Longest idle sleep: the store is asked again at least this often.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+pub struct Dispatcher {
+    pub store: Arc<dyn Store>,
+    pub router: Arc<Router>,
+    pub config: MessagesConfig,
+    pub lease: Duration,
+}
+
+impl Dispatcher {
+    /// Runs until `shutdown`, then waits for the messages in flight to get their outcome.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let mut in_flight = JoinSet::new();
+        let signals = this.store.signals().clone();
+        while !shutdown.is_cancelled() {
+            let room = this.config.max_in_flight.saturating_sub(in_flight.len());
+            let claimed = if room > 0 {
+                let lease_until = now_ms() + this.lease.as_millis() as i64;
+                match this.store.claim_due(room.min(512), lease_until).await {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        error!(error = %e, "claiming due messages failed");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            if !claimed.is_empty() {
+                for message in claimed {
+                    in_flight.spawn(this.clone().send(message));
+                }
+                continue;
+            }
+            let wait = if room == 0 {
+                IDLE_POLL
+            } else {
+                this.until_next_due().await
+            };
+            tokio::select! {
+                () = signals.queue.notified() => {}
+                () = sleep(wait) => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                () = shutdown.cancelled() => {}
+            }
+            while in_flight.try_join_next().is_some() {}
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    async fn until_next_due(&self) -> Duration {
+        match self.store.next_due().await {
+            Ok(Some(due)) => {
+                Duration::from_millis((due - now_ms()).clamp(0, IDLE_POLL.as_millis() as i64) as u64)
+            }
+            Ok(None) => IDLE_POLL,
+            Err(e) => {
+                warn!(error = %e, "reading the next due time failed");
+                IDLE_POLL
+            }
+        }
+    }
+
+    /// One attempt at one message; records its result.
+    async fn send(self: Arc<Self>, message: Claimed) {
+        let result = self.attempt(&message).await;
+        debug!(id = %message.id, next = ?result.next, "attempt done");
+        if let Err(e) = self.store.record_attempts(vec![result]).await {
+            // The lease returns the message to the queue; its parts may be sent again.
+            error!(id = %message.id, error = %e, "recording an attempt failed");
+        }
+    }
+
+    async fn attempt(&self, message: &Claimed) -> AttemptResult {
+        let now = now_ms();
+        let result = |carrier: Option<String>, accepted, next| AttemptResult {
+            id: message.id,
+            carrier,
+            accepted,
+            next,
+        };
+        if now >= message.expires_at {
+            let next = Next::Finish {
+                status: Status::Expired,
+                detail: "validity period ended before it could be sent".into(),
+                error_code: None,
+            };
+            return result(None, Vec::new(), next);
+        }
+        let Some(carrier) = self.router.route() else {
+            let next = retry_or_expire(
+                message,
+                now + NO_CARRIER_DELAY_MS,
+                "no carrier bound".into(),
+            );
+            return result(None, Vec::new(), next);
+        };
+        let (encoding, parts) = encoding::split(&message.body, message.id.concat_reference());
+        let sender = Sender::from_stored(&message.sender);
+        let numbered: Vec<u32> = (1..=parts.len() as u32)
+            .filter(|n| !message.accepted_parts.contains(n))
+            .collect();
+        let to_send = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| numbered.contains(&(*i as u32 + 1)))
+            .map(|(_, p)| p)
+            .collect();
+        let pdus = submit_pdus(&message.recipient, &sender, encoding, to_send);
+        let outcomes =
+            futures::future::join_all(pdus.into_iter().map(|pdu| carrier.submit(pdu))).await;
+        let outcomes: Vec<(u32, SubmitOutcome)> = numbered.into_iter().zip(outcomes).collect();
+        let (accepted, next) = decide(
+            message,
+            &outcomes,
+            now_ms(),
+            &self.config.retry_schedule,
+            self.config.on_unknown_outcome,
+        );
+        result(Some(carrier.name.clone()), accepted, next)
+    }
+}
+
+/// Turns the outcomes of one attempt's parts into the parts accepted and what comes next.
+/// The worst outcome wins: a permanent refusal fails the message; an unknown one follows the
+/// configured policy; anything temporary schedules a retry, while the validity lasts.
+pub fn decide(
+    message: &Claimed,
+    outcomes: &[(u32, SubmitOutcome)],
+    now: i64,
+    schedule: &Schedule,
+    on_unknown: UnknownOutcome,
+) -> (Vec<AcceptedPart>, Next) {
+    let accepted = outcomes
+        .iter()
+        .filter_map(|(part, outcome)| match outcome {
+            SubmitOutcome::Accepted { message_id } => Some(AcceptedPart {
+                part: *part,
+                carrier_message_id: message_id.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let rejected = outcomes.iter().find_map(|(_, o)| match o {
+        SubmitOutcome::Rejected { status } => Some(*status),
+        _ => None,
+    });
+    if let Some(status) = rejected
+        && classify(status) == StatusClass::Permanent
+    {
+        let next = Next::Finish {
+            status: Status::Failed,
+            detail: format!("refused by the carrier: {}", describe(status)),
+            error_code: Some(format!("{status:#04x}")),
+        };
+        return (accepted, next);
+    }
+    let unknown = outcomes.iter().find_map(|(_, o)| match o {
+        SubmitOutcome::Unknown { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    if let Some(reason) = unknown {
+        let next = match on_unknown {
+            UnknownOutcome::Resubmit => retry_or_expire(
+                message,
+                now,
+                format!("{reason}; resubmitting (a duplicate is possible)"),
+            ),
+            UnknownOutcome::MarkUnknown => Next::Finish {
+                status: Status::Unknown,
+                detail: reason,
+                error_code: None,
+            },
+        };
+        return (accepted, next);
+    }
+    if let Some(status) = rejected {
+        let delay = match classify(status) {
+            StatusClass::Throttled => THROTTLED_DELAY_MS,
+            _ => schedule.delay_after(message.attempt).as_millis() as i64,
+        };
+        let detail = format!("temporary refusal: {}; retrying", describe(status));
+        return (accepted, retry_or_expire(message, now + delay, detail));
+    }
+    if outcomes
+        .iter()
+        .any(|(_, o)| matches!(o, SubmitOutcome::NotSent))
+    {
+        return (
+            accepted,
+            retry_or_expire(message, now, "not sent: bind closing".into()),
+        );
+    }
+    (accepted, Next::Sent)
+}
+
+fn retry_or_expire(message: &Claimed, at: i64, detail: String) -> Next {
+    if at >= message.expires_at {
+        Next::Finish {
+            status: Status::Expired,
+            detail: format!("validity period ends before the next attempt ({detail})"),
+            error_code: None,
+        }
+    } else {
+        Next::Retry { at, detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::Encoding;
+    use crate::message::MessageId;
+
+    fn claimed(attempt: u32, expires_at: i64) -> Claimed {
+        Claimed {
+            id: MessageId::new(),
+            account: "a".into(),
+            recipient: "+46701234567".into(),
+            sender: "iP1".into(),
+            body: "hi".into(),
+            encoding: Encoding::Gsm7,
+            segments: 2,
+            attempt,
+            expires_at,
+            accepted_parts: vec![],
+        }
+    }
+
+    fn accepted(id: &str) -> SubmitOutcome {
+        SubmitOutcome::Accepted {
+            message_id: id.into(),
+        }
+    }
+
+    const NOW: i64 = 1_000_000;
+
+    fn run(
+        outcomes: &[(u32, SubmitOutcome)],
+        on_unknown: UnknownOutcome,
+    ) -> (Vec<AcceptedPart>, Next) {
+        let schedule = Schedule::from_secs(&[5, 30]);
+        decide(
+            &claimed(1, NOW + 3_600_000),
+            outcomes,
+            NOW,
+            &schedule,
+            on_unknown,
+        )
+    }
+
+    #[test]
+    fn all_parts_accepted_is_sent() {
+        let (parts, next) = run(
+            &[(1, accepted("a")), (2, accepted("b"))],
+            UnknownOutcome::Resubmit,
+        );
+        assert_eq!(next, Next::Sent);
+        assert_eq!(parts.len(), 2);
+    }
+
+    #[test]
+    fn a_permanent_refusal_fails_the_message() {
+        let (_, next) = run(
+            &[
+                (1, accepted("a")),
+                (2, SubmitOutcome::Rejected { status: 0x0B }),
+            ],
+            UnknownOutcome::Resubmit,
+        );
+        assert!(
+            matches!(next, Next::Finish { status: Status::Failed, ref error_code, .. } if error_code.as_deref() == Some("0x0b"))
+        );
+    }
+
+    #[test]
+    fn throttled_submit_is_rescheduled_not_failed() {
+        let (parts, next) = run(
+            &[
+                (1, accepted("a")),
+                (2, SubmitOutcome::Rejected { status: 0x58 }),
+            ],
+            UnknownOutcome::Resubmit,
+        );
+        assert_eq!(parts.len(), 1, "the accepted part is kept");
+        assert!(matches!(next, Next::Retry { at, .. } if at == NOW + THROTTLED_DELAY_MS));
+    }
+
+    #[test]
+    fn temporary_errors_follow_the_retry_schedule() {
+        let (_, next) = run(
+            &[(1, SubmitOutcome::Rejected { status: 0x14 })],
+            UnknownOutcome::Resubmit,
+        );
+        assert!(matches!(next, Next::Retry { at, .. } if at == NOW + 5_000));
+        let schedule = Schedule::from_secs(&[5, 30]);
+        let (_, later) = decide(
+            &claimed(7, NOW + 3_600_000),
+            &[(1, SubmitOutcome::Rejected { status: 0x14 })],
+            NOW,
+            &schedule,
+            UnknownOutcome::Resubmit,
+        );
+        assert!(
+            matches!(later, Next::Retry { at, .. } if at == NOW + 30_000),
+            "the last delay repeats"
+        );
+    }
+
+    #[test]
+    fn a_retry_past_the_validity_expires_the_message() {
+        let schedule = Schedule::from_secs(&[60]);
+        let (_, next) = decide(
+            &claimed(1, NOW + 1_000),
+            &[(1, SubmitOutcome::Rejected { status: 0x14 })],
+            NOW,
+            &schedule,
+            UnknownOutcome::Resubmit,
+        );
+        assert!(matches!(
+            next,
+            Next::Finish {
+                status: Status::Expired,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unknown_outcomes_follow_the_configured_policy() {
+        let lost = [(
+            1,
+            SubmitOutcome::Unknown {
+                reason: "link lost".into(),
+            },
+        )];
+        let (_, resubmit) = run(&lost, UnknownOutcome::Resubmit);
+        assert!(
+            matches!(resubmit, Next::Retry { at, ref detail } if at == NOW && detail.contains("duplicate"))
+        );
+        let (_, mark) = run(&lost, UnknownOutcome::MarkUnknown);
+        assert!(matches!(
+            mark,
+            Next::Finish {
+                status: Status::Unknown,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn not_sent_parts_are_retried_at_once() {
+        let (_, next) = run(&[(1, SubmitOutcome::NotSent)], UnknownOutcome::MarkUnknown);
+        assert!(matches!(next, Next::Retry { at, .. } if at == NOW));
+    }
+}

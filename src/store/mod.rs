@@ -1,0 +1,276 @@
+//! The durable queue and history: the only module that speaks SQL.
+//!
+//! [`Store`] is the seam between the gateway and its database. SQLite ([`sqlite::SqliteStore`])
+//! is the embedded default; a PostgreSQL backend for several instances implements the same
+//! trait. Every method that returns `Ok` has committed what it was given: callers answer their
+//! own callers (HTTP 202, deliver_sm_resp) only after that.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::encoding::Encoding;
+use crate::message::{Category, MessageId, Status};
+use crate::receipt::{InboundSms, Receipt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed (full disk, corruption, I/O): nothing was committed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// The writer task has stopped (shutdown, or a fatal error logged before).
+    #[error("the store is shut down")]
+    Closed,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A message the API has validated and that passed policy, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: MessageId,
+    pub account: String,
+    pub reference: Option<String>,
+    /// E.164.
+    pub recipient: String,
+    pub sender: String,
+    pub body: String,
+    pub category: Category,
+    pub encoding: Encoding,
+    pub segments: u32,
+    pub priority: i32,
+    pub webhook_url: Option<String>,
+    pub consent_at: Option<i64>,
+    /// `Queued`, `Scheduled`, or a refusal (stored so it can be looked up and reported).
+    pub status: Status,
+    pub detail: Option<String>,
+    pub created_at: i64,
+    pub due_at: i64,
+    pub expires_at: i64,
+}
+
+/// The first answer to a request that carried an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotentAnswer {
+    pub key: String,
+    /// Hash of the request body: the same key with another body is an error, not a replay.
+    pub request_hash: String,
+    pub status_code: u16,
+    pub answer: String,
+}
+
+#[derive(Debug)]
+pub enum SubmitResult {
+    Stored,
+    /// The key was used before: nothing was stored, here is the first answer.
+    Replay(IdempotentAnswer),
+}
+
+/// A message claimed for sending, leased to this process.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: MessageId,
+    pub account: String,
+    pub recipient: String,
+    pub sender: String,
+    pub body: String,
+    pub encoding: Encoding,
+    pub segments: u32,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    pub expires_at: i64,
+    /// Parts (1-based) a carrier accepted in an earlier attempt; they are not sent again.
+    pub accepted_parts: Vec<u32>,
+}
+
+/// A part the carrier accepted, with the id its receipts will carry.
+#[derive(Debug, Clone)]
+pub struct AcceptedPart {
+    pub part: u32,
+    pub carrier_message_id: String,
+}
+
+/// What becomes of a claimed message after one attempt (decided in `dispatch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Every part is accepted.
+    Sent,
+    /// Try again at this time (ms); `detail` says why.
+    Retry { at: i64, detail: String },
+    /// A final status: `Failed`, `Expired` or `Unknown`.
+    Finish {
+        status: Status,
+        detail: String,
+        error_code: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    pub id: MessageId,
+    pub carrier: Option<String>,
+    pub accepted: Vec<AcceptedPart>,
+    pub next: Next,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptMatch {
+    Matched,
+    /// No part has that id yet: kept until its submit_sm_resp is recorded.
+    Parked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelResult {
+    Canceled,
+    NotFound,
+    TooLate(Status),
+}
+
+/// One message as the API shows it.
+#[derive(Debug, Clone)]
+pub struct MessageView {
+    pub id: MessageId,
+    pub reference: Option<String>,
+    pub recipient: String,
+    pub sender: String,
+    pub category: Category,
+    pub encoding: Encoding,
+    pub segments: u32,
+    pub status: Status,
+    pub detail: Option<String>,
+    pub error_code: Option<String>,
+    pub carrier: Option<String>,
+    pub attempts: u32,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: i64,
+    /// Filled by `get_message` only.
+    pub events: Vec<EventView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventView {
+    pub at: i64,
+    pub status: Status,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<Status>,
+    pub recipient: Option<String>,
+    pub since: Option<i64>,
+    /// Page after this id (ids sort by creation; pages run newest first).
+    pub before: Option<MessageId>,
+    pub limit: u32,
+}
+
+/// A webhook to post, leased to this process.
+#[derive(Debug, Clone)]
+pub struct WebhookJob {
+    pub id: i64,
+    pub account: String,
+    pub url: String,
+    pub payload: String,
+    pub attempts: u32,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookResult {
+    Delivered,
+    RetryAt { at: i64, error: String },
+    GiveUp { error: String },
+}
+
+/// Wakes the workers that wait for new rows, so they need not poll.
+#[derive(Debug, Default)]
+pub struct Signals {
+    /// A message became due (new submission, or a retry was scheduled).
+    pub queue: Notify,
+    /// A webhook was written to the outbox.
+    pub webhooks: Notify,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a batch of messages (and the first answer, for an idempotent request) in one
+    /// transaction. Concurrent callers are group-committed.
+    async fn submit(
+        &self,
+        account: &str,
+        messages: Vec<NewMessage>,
+        idempotency: Option<IdempotentAnswer>,
+    ) -> Result<SubmitResult, StoreError>;
+
+    async fn idempotent_answer(
+        &self,
+        account: &str,
+        key: &str,
+    ) -> Result<Option<IdempotentAnswer>, StoreError>;
+
+    async fn get_message(
+        &self,
+        account: &str,
+        id: MessageId,
+    ) -> Result<Option<MessageView>, StoreError>;
+
+    async fn list_messages(
+        &self,
+        account: &str,
+        filter: &ListFilter,
+    ) -> Result<Vec<MessageView>, StoreError>;
+
+    async fn cancel(&self, account: &str, id: MessageId) -> Result<CancelResult, StoreError>;
+
+    /// Claims up to `limit` due messages, leasing them until `lease_until` (ms).
+    async fn claim_due(&self, limit: usize, lease_until: i64) -> Result<Vec<Claimed>, StoreError>;
+
+    /// When the earliest waiting message is due (ms), if any.
+    async fn next_due(&self) -> Result<Option<i64>, StoreError>;
+
+    async fn record_attempts(&self, results: Vec<AttemptResult>) -> Result<(), StoreError>;
+
+    async fn apply_receipt(
+        &self,
+        carrier: &str,
+        receipt: Receipt,
+    ) -> Result<ReceiptMatch, StoreError>;
+
+    /// Stores a mobile-originated message, with a webhook to `webhook` (account, url) if given.
+    async fn store_inbound(
+        &self,
+        carrier: &str,
+        sms: InboundSms,
+        webhook: Option<(String, String)>,
+    ) -> Result<(), StoreError>;
+
+    /// Returns messages whose lease has ended (a process died while sending them) to the queue.
+    /// `all` also takes leases that have not ended: right for a single instance at start-up.
+    async fn release_claims(&self, all: bool) -> Result<u64, StoreError>;
+
+    async fn claim_webhooks(
+        &self,
+        limit: usize,
+        lease_until: i64,
+    ) -> Result<Vec<WebhookJob>, StoreError>;
+
+    async fn webhook_result(&self, id: i64, result: WebhookResult) -> Result<(), StoreError>;
+
+    /// When the earliest pending webhook is due (ms), if any.
+    async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Answers when the database can be read (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    fn signals(&self) -> &Arc<Signals>;
+
+    /// Commits what is queued and stops the writer.
+    async fn close(&self);
+}

@@ -1,0 +1,1171 @@
+//! SQLite backend: WAL, one writer task that group-commits, a small pool of readers.
+//!
+//! SQLite has one writer at a time, so all writes go through one task and one connection. The
+//! task takes every operation waiting in its channel (up to `max_batch`), applies them in one
+//! `BEGIN IMMEDIATE` transaction and answers each caller after the commit: many concurrent HTTP
+//! requests cost one fsync. If the batch fails, each operation is retried alone, so one bad
+//! operation cannot fail its neighbours.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::message::{now_ms, rfc3339};
+use crate::receipt::{ReceiptState, normalize_id};
+
+/// How long an early receipt waits for its submit_sm_resp before it is dropped as unmatched.
+const EARLY_RECEIPT_TTL_MS: i64 = 24 * 3600 * 1000;
+
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    readers: SqlitePool,
+    signals: Arc<Signals>,
+    stop: CancellationToken,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+enum Op {
+    Submit {
+        account: String,
+        messages: Vec<NewMessage>,
+        idempotency: Option<IdempotentAnswer>,
+    },
+    Cancel {
+        account: String,
+        id: MessageId,
+    },
+    Claim {
+        limit: usize,
+        lease_until: i64,
+    },
+    Attempts(Vec<AttemptResult>),
+    Receipt {
+        carrier: String,
+        receipt: Receipt,
+    },
+    Inbound {
+        carrier: String,
+        sms: InboundSms,
+        webhook: Option<(String, String)>,
+    },
+    Release {
+        all: bool,
+    },
+    ClaimWebhooks {
+        limit: usize,
+        lease_until: i64,
+    },
+    WebhookResult {
+        id: i64,
+        result: WebhookResult,
+    },
+}
+
+enum Reply {
+    Submit(SubmitResult),
+    Cancel(CancelResult),
+    Claimed(Vec<Claimed>),
+    Receipt(ReceiptMatch),
+    Count(u64),
+    Webhooks(Vec<WebhookJob>),
+    Done,
+}
+
+/// What a committed batch should wake.
+#[derive(Default)]
+struct Wake {
+    queue: bool,
+    webhooks: bool,
+}
+
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs the embedded migrations.
+    pub async fn open(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // With WAL, NORMAL survives a process crash; FULL also survives power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let mut writer = SqliteConnection::connect_with(&options).await?;
+        sqlx::migrate!("src/store/migrations/sqlite")
+            .run(&mut writer)
+            .await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        let signals = Arc::new(Signals::default());
+        let (jobs, rx) = mpsc::channel(max_batch * 4);
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(run_writer(
+            writer,
+            rx,
+            max_batch,
+            signals.clone(),
+            stop.clone(),
+        ));
+        Ok(SqliteStore {
+            jobs,
+            readers,
+            signals,
+            stop,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn unexpected(reply: Reply) -> StoreError {
+    let kind = match reply {
+        Reply::Submit(_) => "submit",
+        Reply::Cancel(_) => "cancel",
+        Reply::Claimed(_) => "claimed",
+        Reply::Receipt(_) => "receipt",
+        Reply::Count(_) => "count",
+        Reply::Webhooks(_) => "webhooks",
+        Reply::Done => "done",
+    };
+    StoreError::Corrupt(format!("writer answered with an unexpected {kind} reply"))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(
+        &self,
+        account: &str,
+        messages: Vec<NewMessage>,
+        idempotency: Option<IdempotentAnswer>,
+    ) -> Result<SubmitResult, StoreError> {
+        let op = Op::Submit {
+            account: account.to_owned(),
+            messages,
+            idempotency,
+        };
+        match self.call(op).await? {
+            Reply::Submit(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn idempotent_answer(
+        &self,
+        account: &str,
+        key: &str,
+    ) -> Result<Option<IdempotentAnswer>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key, request_hash, status_code, answer FROM idempotency
+             WHERE account = ?1 AND key = ?2",
+        )
+        .bind(account)
+        .bind(key)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.map(|r| idempotent_from_row(&r)).transpose()
+    }
+
+    async fn get_message(
+        &self,
+        account: &str,
+        id: MessageId,
+    ) -> Result<Option<MessageView>, StoreError> {
+        let row = sqlx::query("SELECT * FROM messages WHERE id = ?1 AND account = ?2")
+            .bind(id.to_string())
+            .bind(account)
+            .fetch_optional(&self.readers)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut view = view_from_row(&row)?;
+        let events =
+            sqlx::query("SELECT at, status, detail FROM events WHERE message_id = ?1 ORDER BY id")
+                .bind(id.to_string())
+                .fetch_all(&self.readers)
+                .await?;
+        view.events = events
+            .iter()
+            .map(|e| {
+                Ok(EventView {
+                    at: e.try_get("at")?,
+                    status: parse_status(&e.try_get::<String, _>("status")?)?,
+                    detail: e.try_get("detail")?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Some(view))
+    }
+
+    async fn list_messages(
+        &self,
+        account: &str,
+        filter: &ListFilter,
+    ) -> Result<Vec<MessageView>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM messages
+             WHERE account = ?1
+               AND (?2 IS NULL OR status = ?2)
+               AND (?3 IS NULL OR recipient = ?3)
+               AND (?4 IS NULL OR created_at >= ?4)
+               AND (?5 IS NULL OR id < ?5)
+             ORDER BY id DESC LIMIT ?6",
+        )
+        .bind(account)
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.recipient.as_deref())
+        .bind(filter.since)
+        .bind(filter.before.map(|id| id.to_string()))
+        .bind(filter.limit as i64)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(view_from_row).collect()
+    }
+
+    async fn cancel(&self, account: &str, id: MessageId) -> Result<CancelResult, StoreError> {
+        let op = Op::Cancel {
+            account: account.to_owned(),
+            id,
+        };
+        match self.call(op).await? {
+            Reply::Cancel(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn claim_due(&self, limit: usize, lease_until: i64) -> Result<Vec<Claimed>, StoreError> {
+        match self.call(Op::Claim { limit, lease_until }).await? {
+            Reply::Claimed(claimed) => Ok(claimed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(due_at) FROM messages WHERE status IN ('queued', 'scheduled')",
+        )
+        .fetch_one(&self.readers)
+        .await?;
+        Ok(due)
+    }
+
+    async fn record_attempts(&self, results: Vec<AttemptResult>) -> Result<(), StoreError> {
+        self.call(Op::Attempts(results)).await.map(|_| ())
+    }
+
+    async fn apply_receipt(
+        &self,
+        carrier: &str,
+        receipt: Receipt,
+    ) -> Result<ReceiptMatch, StoreError> {
+        let op = Op::Receipt {
+            carrier: carrier.to_owned(),
+            receipt,
+        };
+        match self.call(op).await? {
+            Reply::Receipt(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn store_inbound(
+        &self,
+        carrier: &str,
+        sms: InboundSms,
+        webhook: Option<(String, String)>,
+    ) -> Result<(), StoreError> {
+        let op = Op::Inbound {
+            carrier: carrier.to_owned(),
+            sms,
+            webhook,
+        };
+        self.call(op).await.map(|_| ())
+    }
+
+    async fn release_claims(&self, all: bool) -> Result<u64, StoreError> {
+        match self.call(Op::Release { all }).await? {
+            Reply::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn claim_webhooks(
+        &self,
+        limit: usize,
+        lease_until: i64,
+    ) -> Result<Vec<WebhookJob>, StoreError> {
+        match self.call(Op::ClaimWebhooks { limit, lease_until }).await? {
+            Reply::Webhooks(jobs) => Ok(jobs),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn webhook_result(&self, id: i64, result: WebhookResult) -> Result<(), StoreError> {
+        self.call(Op::WebhookResult { id, result })
+            .await
+            .map(|_| ())
+    }
+
+    async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError> {
+        let due: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(MAX(due_at, COALESCE(locked_until, 0))) FROM webhooks")
+                .fetch_one(&self.readers)
+                .await?;
+        Ok(due)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        if self.jobs.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    fn signals(&self) -> &Arc<Signals> {
+        &self.signals
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        if let Some(handle) = self.writer.lock().await.take() {
+            let _ = handle.await;
+        }
+        self.readers.close().await;
+    }
+}
+
+async fn run_writer(
+    mut conn: SqliteConnection,
+    mut jobs: mpsc::Receiver<Job>,
+    max_batch: usize,
+    signals: Arc<Signals>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        // Biased towards jobs: on shutdown, everything already queued is still committed.
+        let first = tokio::select! {
+            biased;
+            job = jobs.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        batch.push(first);
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut wake = Wake::default();
+        match apply_batch(&mut conn, &batch, &mut wake).await {
+            Ok(replies) => {
+                for (job, reply) in batch.drain(..).zip(replies) {
+                    let _ = job.reply.send(Ok(reply));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
+                wake = Wake::default();
+                for job in batch.drain(..) {
+                    let single = std::slice::from_ref(&job);
+                    let result = apply_batch(&mut conn, single, &mut wake)
+                        .await
+                        .map(|mut replies| replies.pop().unwrap_or(Reply::Done));
+                    let _ = job.reply.send(result);
+                }
+            }
+        }
+        if wake.queue {
+            signals.queue.notify_one();
+        }
+        if wake.webhooks {
+            signals.webhooks.notify_one();
+        }
+    }
+}
+
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    batch: &[Job],
+    wake: &mut Wake,
+) -> Result<Vec<Reply>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let now = now_ms();
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        replies.push(apply(&mut tx, &job.op, now, wake).await?);
+    }
+    tx.commit().await?;
+    Ok(replies)
+}
+
+async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Reply, StoreError> {
+    Ok(match op {
+        Op::Submit {
+            account,
+            messages,
+            idempotency,
+        } => Reply::Submit(submit(tx, account, messages, idempotency.as_ref(), now, wake).await?),
+        Op::Cancel { account, id } => Reply::Cancel(cancel(tx, account, *id, now, wake).await?),
+        Op::Claim { limit, lease_until } => {
+            Reply::Claimed(claim(tx, *limit, *lease_until, now).await?)
+        }
+        Op::Attempts(results) => {
+            for result in results {
+                record_attempt(tx, result, now, wake).await?;
+            }
+            Reply::Done
+        }
+        Op::Receipt { carrier, receipt } => {
+            Reply::Receipt(apply_receipt(tx, carrier, receipt, now, wake).await?)
+        }
+        Op::Inbound {
+            carrier,
+            sms,
+            webhook,
+        } => {
+            store_inbound(tx, carrier, sms, webhook.as_ref(), now, wake).await?;
+            Reply::Done
+        }
+        Op::Release { all } => Reply::Count(release(tx, *all, now, wake).await?),
+        Op::ClaimWebhooks { limit, lease_until } => {
+            Reply::Webhooks(claim_webhooks(tx, *limit, *lease_until, now).await?)
+        }
+        Op::WebhookResult { id, result } => {
+            webhook_result(tx, *id, result).await?;
+            Reply::Done
+        }
+    })
+}
+
+async fn submit(
+    tx: &mut Tx<'_>,
+    account: &str,
+    messages: &[NewMessage],
+    idempotency: Option<&IdempotentAnswer>,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<SubmitResult, StoreError> {
+    if let Some(answer) = idempotency {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency (account, key, request_hash, status_code, answer, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )
+        .bind(account)
+        .bind(&answer.key)
+        .bind(&answer.request_hash)
+        .bind(answer.status_code as i64)
+        .bind(&answer.answer)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let row = sqlx::query(
+                "SELECT key, request_hash, status_code, answer FROM idempotency
+                 WHERE account = ?1 AND key = ?2",
+            )
+            .bind(account)
+            .bind(&answer.key)
+            .fetch_one(&mut **tx)
+            .await?;
+            return Ok(SubmitResult::Replay(idempotent_from_row(&row)?));
+        }
+    }
+    for m in messages {
+        let id = m.id.to_string();
+        sqlx::query(
+            "INSERT INTO messages (id, account, reference, recipient, sender, body, category,
+                 encoding, segments, priority, webhook_url, consent_at, status, detail,
+                 created_at, updated_at, due_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17)",
+        )
+        .bind(&id)
+        .bind(&m.account)
+        .bind(&m.reference)
+        .bind(&m.recipient)
+        .bind(&m.sender)
+        .bind(&m.body)
+        .bind(m.category.as_str())
+        .bind(m.encoding.as_str())
+        .bind(m.segments as i64)
+        .bind(m.priority as i64)
+        .bind(&m.webhook_url)
+        .bind(m.consent_at)
+        .bind(m.status.as_str())
+        .bind(&m.detail)
+        .bind(m.created_at)
+        .bind(m.due_at)
+        .bind(m.expires_at)
+        .execute(&mut **tx)
+        .await?;
+        let target = m.webhook_url.as_ref().map(|url| WebhookTarget {
+            account: m.account.clone(),
+            url: url.clone(),
+            reference: m.reference.clone(),
+        });
+        add_event(
+            tx,
+            &id,
+            m.status,
+            m.detail.as_deref(),
+            None,
+            now,
+            target.as_ref(),
+            wake,
+        )
+        .await?;
+        if matches!(m.status, Status::Queued | Status::Scheduled) {
+            wake.queue = true;
+        }
+    }
+    Ok(SubmitResult::Stored)
+}
+
+async fn cancel(
+    tx: &mut Tx<'_>,
+    account: &str,
+    id: MessageId,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<CancelResult, StoreError> {
+    let id = id.to_string();
+    let updated = sqlx::query(
+        "UPDATE messages SET status = 'canceled', detail = 'canceled through the API',
+             updated_at = ?3
+         WHERE id = ?1 AND account = ?2 AND status IN ('queued', 'scheduled')
+         RETURNING account, webhook_url, reference",
+    )
+    .bind(&id)
+    .bind(account)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(row) = updated {
+        let target = target_from_row(&row)?;
+        add_event(
+            tx,
+            &id,
+            Status::Canceled,
+            Some("canceled through the API"),
+            None,
+            now,
+            target.as_ref(),
+            wake,
+        )
+        .await?;
+        return Ok(CancelResult::Canceled);
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM messages WHERE id = ?1 AND account = ?2")
+            .bind(&id)
+            .bind(account)
+            .fetch_optional(&mut **tx)
+            .await?;
+    match status {
+        None => Ok(CancelResult::NotFound),
+        Some(s) => Ok(CancelResult::TooLate(parse_status(&s)?)),
+    }
+}
+
+async fn claim(
+    tx: &mut Tx<'_>,
+    limit: usize,
+    lease_until: i64,
+    now: i64,
+) -> Result<Vec<Claimed>, StoreError> {
+    let rows = sqlx::query(
+        "UPDATE messages SET status = 'sending', locked_until = ?1, attempts = attempts + 1,
+             updated_at = ?2
+         WHERE id IN (SELECT id FROM messages
+                      WHERE status IN ('queued', 'scheduled') AND due_at <= ?2
+                      ORDER BY due_at LIMIT ?3)
+         RETURNING id, account, recipient, sender, body, encoding, segments, attempts, expires_at",
+    )
+    .bind(lease_until)
+    .bind(now)
+    .bind(limit as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let attempt = row.try_get::<i64, _>("attempts")? as u32;
+        let accepted_parts = if attempt > 1 {
+            sqlx::query_scalar::<_, i64>("SELECT part FROM parts WHERE message_id = ?1")
+                .bind(&id)
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(|p| p as u32)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        sqlx::query(
+            "INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, 'sending', ?3)",
+        )
+        .bind(&id)
+        .bind(now)
+        .bind(format!("attempt {attempt}"))
+        .execute(&mut **tx)
+        .await?;
+        claimed.push(Claimed {
+            id: parse_id(&id)?,
+            account: row.try_get("account")?,
+            recipient: row.try_get("recipient")?,
+            sender: row.try_get("sender")?,
+            body: row
+                .try_get::<Option<String>, _>("body")?
+                .unwrap_or_default(),
+            encoding: parse_encoding(&row.try_get::<String, _>("encoding")?)?,
+            segments: row.try_get::<i64, _>("segments")? as u32,
+            attempt,
+            expires_at: row.try_get("expires_at")?,
+            accepted_parts,
+        });
+    }
+    Ok(claimed)
+}
+
+async fn record_attempt(
+    tx: &mut Tx<'_>,
+    result: &AttemptResult,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    let id = result.id.to_string();
+    let carrier = result.carrier.as_deref().unwrap_or("");
+    for part in &result.accepted {
+        sqlx::query(
+            "INSERT INTO parts (message_id, part, carrier, carrier_message_id, state, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 'accepted', ?5)
+             ON CONFLICT (message_id, part) DO UPDATE SET carrier = ?3,
+                 carrier_message_id = ?4, state = 'accepted', updated_at = ?5",
+        )
+        .bind(&id)
+        .bind(part.part as i64)
+        .bind(carrier)
+        .bind(normalize_id(&part.carrier_message_id))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let (status, detail, error_code, due_at) = match &result.next {
+        Next::Sent => (Status::Sent, None, None, None),
+        Next::Retry { at, detail } => (Status::Queued, Some(detail.as_str()), None, Some(*at)),
+        Next::Finish {
+            status,
+            detail,
+            error_code,
+        } => (*status, Some(detail.as_str()), error_code.as_deref(), None),
+    };
+    // Only a message we hold the claim of moves: a cancel or a restart may have come first.
+    let row = sqlx::query(
+        "UPDATE messages SET status = ?2, detail = ?3, error_code = COALESCE(?4, error_code),
+             carrier = COALESCE(?5, carrier), due_at = COALESCE(?6, due_at),
+             locked_until = NULL, updated_at = ?7
+         WHERE id = ?1 AND status = 'sending'
+         RETURNING account, webhook_url, reference",
+    )
+    .bind(&id)
+    .bind(status.as_str())
+    .bind(detail)
+    .bind(error_code)
+    .bind(result.carrier.as_deref())
+    .bind(due_at)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let target = target_from_row(&row)?;
+    add_event(
+        tx,
+        &id,
+        status,
+        detail,
+        error_code,
+        now,
+        target.as_ref(),
+        wake,
+    )
+    .await?;
+    if status == Status::Queued {
+        wake.queue = true;
+    }
+    // Receipts that overtook their submit_sm_resp are applied now that their part is known.
+    for part in &result.accepted {
+        let key = normalize_id(&part.carrier_message_id);
+        let early = sqlx::query(
+            "DELETE FROM early_receipts WHERE carrier = ?1 AND carrier_message_id = ?2
+             RETURNING state, error_code",
+        )
+        .bind(carrier)
+        .bind(&key)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in early {
+            let state = parse_receipt_state(&row.try_get::<String, _>("state")?)?;
+            let error_code: Option<String> = row.try_get("error_code")?;
+            let receipt = Receipt {
+                carrier_message_id: key.clone(),
+                state,
+                error_code,
+            };
+            apply_receipt(tx, carrier, &receipt, now, wake).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn apply_receipt(
+    tx: &mut Tx<'_>,
+    carrier: &str,
+    receipt: &Receipt,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<ReceiptMatch, StoreError> {
+    let key = normalize_id(&receipt.carrier_message_id);
+    // "err:000" on a delivered part is no error; keep codes that say something.
+    let receipt = &Receipt {
+        error_code: receipt.error_code.clone().filter(|code| {
+            receipt.state != ReceiptState::Delivered && !code.trim_start_matches('0').is_empty()
+        }),
+        ..receipt.clone()
+    };
+    let part = sqlx::query(
+        "UPDATE parts SET state = ?3, updated_at = ?4
+         WHERE carrier = ?1 AND carrier_message_id = ?2
+         RETURNING message_id, part",
+    )
+    .bind(carrier)
+    .bind(&key)
+    .bind(receipt.state.as_str())
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(part) = part else {
+        sqlx::query(
+            "INSERT INTO early_receipts (carrier, carrier_message_id, state, error_code, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(carrier)
+        .bind(&key)
+        .bind(receipt.state.as_str())
+        .bind(&receipt.error_code)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM early_receipts WHERE received_at < ?1")
+            .bind(now - EARLY_RECEIPT_TTL_MS)
+            .execute(&mut **tx)
+            .await?;
+        return Ok(ReceiptMatch::Parked);
+    };
+    let id: String = part.try_get("message_id")?;
+    let part_no: i64 = part.try_get("part")?;
+    let row = sqlx::query(
+        "SELECT status, segments, account, webhook_url, reference FROM messages WHERE id = ?1",
+    )
+    .bind(&id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(ReceiptMatch::Matched);
+    };
+    let current = parse_status(&row.try_get::<String, _>("status")?)?;
+    let segments: i64 = row.try_get("segments")?;
+    let target = target_from_row(&row)?;
+    let detail = receipt_detail(part_no, segments, receipt);
+    let next = if !receipt.state.is_final() || current.is_final() {
+        None
+    } else {
+        rolled_up_status(tx, &id, segments, receipt.state).await?
+    };
+    match next {
+        Some(status) => {
+            sqlx::query(
+                "UPDATE messages SET status = ?2, detail = ?3,
+                     error_code = COALESCE(?4, error_code), updated_at = ?5
+                 WHERE id = ?1",
+            )
+            .bind(&id)
+            .bind(status.as_str())
+            .bind(&detail)
+            .bind(&receipt.error_code)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            add_event(
+                tx,
+                &id,
+                status,
+                Some(&detail),
+                receipt.error_code.as_deref(),
+                now,
+                target.as_ref(),
+                wake,
+            )
+            .await?;
+        }
+        // A receipt that changes nothing (intermediate, one part of several, late) is history.
+        None => {
+            sqlx::query(
+                "INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(&id)
+            .bind(now)
+            .bind(current.as_str())
+            .bind(&detail)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(ReceiptMatch::Matched)
+}
+
+/// The message status once a final receipt for one part is in: delivered when every part is,
+/// undelivered or expired as soon as one part is (DOMAIN.md §3.6).
+async fn rolled_up_status(
+    tx: &mut Tx<'_>,
+    id: &str,
+    segments: i64,
+    latest: ReceiptState,
+) -> Result<Option<Status>, StoreError> {
+    match latest {
+        ReceiptState::Delivered => {
+            let delivered: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM parts WHERE message_id = ?1 AND state = 'delivered'",
+            )
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .await?;
+            Ok((delivered >= segments).then_some(Status::Delivered))
+        }
+        ReceiptState::Expired => Ok(Some(Status::Expired)),
+        _ => Ok(Some(Status::Undelivered)),
+    }
+}
+
+fn receipt_detail(part: i64, segments: i64, receipt: &Receipt) -> String {
+    let mut detail = format!("receipt: {}", receipt.state.as_str());
+    if segments > 1 {
+        detail.push_str(&format!(" (part {part} of {segments})"));
+    }
+    if let Some(err) = &receipt.error_code {
+        detail.push_str(&format!(", error {err}"));
+    }
+    detail
+}
+
+async fn store_inbound(
+    tx: &mut Tx<'_>,
+    carrier: &str,
+    sms: &InboundSms,
+    webhook: Option<&(String, String)>,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    let id = MessageId::new().to_string();
+    let sender = crate::message::Msisdn::parse(&format!("+{}", sms.from.trim_start_matches('+')))
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|_| sms.from.clone());
+    sqlx::query(
+        "INSERT INTO inbound (id, account, carrier, sender, recipient, body, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(&id)
+    .bind(webhook.map(|(account, _)| account.as_str()))
+    .bind(carrier)
+    .bind(&sender)
+    .bind(&sms.to)
+    .bind(&sms.text)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    if let Some((account, url)) = webhook {
+        let payload = serde_json::json!({
+            "type": "message.inbound",
+            "id": id,
+            "from": sender,
+            "to": sms.to,
+            "text": sms.text,
+            "received_at": rfc3339(now),
+        });
+        enqueue_webhook(tx, account, url, &payload.to_string(), now, wake).await?;
+    }
+    Ok(())
+}
+
+async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Result<u64, StoreError> {
+    let detail = "lease ended while sending: any submit_sm of it may or may not have reached the \
+                  carrier; queued again";
+    let rows = sqlx::query(
+        "UPDATE messages SET status = 'queued', detail = ?2, locked_until = NULL, due_at = ?1,
+             updated_at = ?1
+         WHERE status = 'sending' AND (?3 OR locked_until < ?1)
+         RETURNING id",
+    )
+    .bind(now)
+    .bind(detail)
+    .bind(all)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let id: String = row.try_get("id")?;
+        add_event(tx, &id, Status::Queued, Some(detail), None, now, None, wake).await?;
+    }
+    if !rows.is_empty() {
+        wake.queue = true;
+    }
+    Ok(rows.len() as u64)
+}
+
+async fn claim_webhooks(
+    tx: &mut Tx<'_>,
+    limit: usize,
+    lease_until: i64,
+    now: i64,
+) -> Result<Vec<WebhookJob>, StoreError> {
+    let rows = sqlx::query(
+        "UPDATE webhooks SET locked_until = ?1, attempts = attempts + 1
+         WHERE id IN (SELECT id FROM webhooks
+                      WHERE due_at <= ?2 AND (locked_until IS NULL OR locked_until < ?2)
+                      ORDER BY due_at LIMIT ?3)
+         RETURNING id, account, url, payload, attempts, created_at",
+    )
+    .bind(lease_until)
+    .bind(now)
+    .bind(limit as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(WebhookJob {
+                id: r.try_get("id")?,
+                account: r.try_get("account")?,
+                url: r.try_get("url")?,
+                payload: r.try_get("payload")?,
+                attempts: r.try_get::<i64, _>("attempts")? as u32,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .collect()
+}
+
+async fn webhook_result(
+    tx: &mut Tx<'_>,
+    id: i64,
+    result: &WebhookResult,
+) -> Result<(), StoreError> {
+    match result {
+        WebhookResult::Delivered => {
+            sqlx::query("DELETE FROM webhooks WHERE id = ?1")
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        WebhookResult::RetryAt { at, error } => {
+            sqlx::query(
+                "UPDATE webhooks SET due_at = ?2, locked_until = NULL, last_error = ?3 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(at)
+            .bind(error)
+            .execute(&mut **tx)
+            .await?;
+        }
+        WebhookResult::GiveUp { error } => {
+            tracing::warn!(webhook = id, %error, "webhook given up after its retry period");
+            sqlx::query("DELETE FROM webhooks WHERE id = ?1")
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a message's status changes are reported.
+struct WebhookTarget {
+    account: String,
+    url: String,
+    reference: Option<String>,
+}
+
+/// Records a status change in the history and, when the message has a webhook, in the outbox.
+/// `sending` is an internal step and is not posted.
+#[allow(clippy::too_many_arguments)]
+async fn add_event(
+    tx: &mut Tx<'_>,
+    id: &str,
+    status: Status,
+    detail: Option<&str>,
+    error_code: Option<&str>,
+    now: i64,
+    target: Option<&WebhookTarget>,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)")
+        .bind(id)
+        .bind(now)
+        .bind(status.as_str())
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    if let Some(target) = target.filter(|_| status != Status::Sending) {
+        let payload = serde_json::json!({
+            "type": "message.status",
+            "message_id": id,
+            "reference": target.reference,
+            "status": status,
+            "detail": detail,
+            "error_code": error_code,
+            "at": rfc3339(now),
+        });
+        enqueue_webhook(
+            tx,
+            &target.account,
+            &target.url,
+            &payload.to_string(),
+            now,
+            wake,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn enqueue_webhook(
+    tx: &mut Tx<'_>,
+    account: &str,
+    url: &str,
+    payload: &str,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO webhooks (account, url, payload, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+    )
+    .bind(account)
+    .bind(url)
+    .bind(payload)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    wake.webhooks = true;
+    Ok(())
+}
+
+fn target_from_row(row: &SqliteRow) -> Result<Option<WebhookTarget>, StoreError> {
+    let url: Option<String> = row.try_get("webhook_url")?;
+    Ok(match url {
+        Some(url) => Some(WebhookTarget {
+            account: row.try_get("account")?,
+            url,
+            reference: row.try_get("reference")?,
+        }),
+        None => None,
+    })
+}
+
+fn view_from_row(row: &SqliteRow) -> Result<MessageView, StoreError> {
+    Ok(MessageView {
+        id: parse_id(&row.try_get::<String, _>("id")?)?,
+        reference: row.try_get("reference")?,
+        recipient: row.try_get("recipient")?,
+        sender: row.try_get("sender")?,
+        category: row
+            .try_get::<String, _>("category")?
+            .parse()
+            .map_err(|_| StoreError::Corrupt("category".into()))?,
+        encoding: parse_encoding(&row.try_get::<String, _>("encoding")?)?,
+        segments: row.try_get::<i64, _>("segments")? as u32,
+        status: parse_status(&row.try_get::<String, _>("status")?)?,
+        detail: row.try_get("detail")?,
+        error_code: row.try_get("error_code")?,
+        carrier: row.try_get("carrier")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        expires_at: row.try_get("expires_at")?,
+        events: Vec::new(),
+    })
+}
+
+fn idempotent_from_row(row: &SqliteRow) -> Result<IdempotentAnswer, StoreError> {
+    Ok(IdempotentAnswer {
+        key: row.try_get("key")?,
+        request_hash: row.try_get("request_hash")?,
+        status_code: row.try_get::<i64, _>("status_code")? as u16,
+        answer: row.try_get("answer")?,
+    })
+}
+
+fn parse_id(s: &str) -> Result<MessageId, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("message id `{s}`")))
+}
+
+fn parse_status(s: &str) -> Result<Status, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("status `{s}`")))
+}
+
+fn parse_encoding(s: &str) -> Result<Encoding, StoreError> {
+    match s {
+        "gsm7" => Ok(Encoding::Gsm7),
+        "ucs2" => Ok(Encoding::Ucs2),
+        _ => Err(StoreError::Corrupt(format!("encoding `{s}`"))),
+    }
+}
+
+fn parse_receipt_state(s: &str) -> Result<ReceiptState, StoreError> {
+    const ALL: [ReceiptState; 10] = [
+        ReceiptState::Scheduled,
+        ReceiptState::Enroute,
+        ReceiptState::Delivered,
+        ReceiptState::Expired,
+        ReceiptState::Deleted,
+        ReceiptState::Undeliverable,
+        ReceiptState::Accepted,
+        ReceiptState::Unknown,
+        ReceiptState::Rejected,
+        ReceiptState::Skipped,
+    ];
+    ALL.into_iter()
+        .find(|state| state.as_str() == s)
+        .ok_or_else(|| StoreError::Corrupt(format!("receipt state `{s}`")))
+}
