@@ -110,10 +110,17 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let mut writer = SqliteConnection::connect_with(&options).await?;
-        sqlx::migrate!("src/store/migrations/sqlite")
-            .run(&mut writer)
+        // Migrations run on a short-lived pool: `Migrator::run` on a bare connection makes the
+        // future not `Send` (a higher-ranked lifetime limit of rustc).
+        let migrations = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
             .await?;
+        sqlx::migrate!("src/store/migrations/sqlite")
+            .run(&migrations)
+            .await?;
+        migrations.close().await;
+        let writer = SqliteConnection::connect_with(&options).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))

@@ -1,0 +1,317 @@
+//! Test harness: the real daemon (library `run` on a port-0 listener, a temporary SQLite file)
+//! against the real SMSC simulator over loopback, and a webhook receiver.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use smsgw::config::Config;
+use smsgw::sim::{SimConfig, SimHandle};
+
+pub const KEY_A: &str = "key-of-account-a";
+pub const KEY_B: &str = "key-of-account-b";
+pub const HOOK_SECRET: &str = "webhook-secret-of-a";
+
+/// A simulated carrier that stops when dropped.
+pub struct Sim {
+    pub handle: SimHandle,
+    stop: CancellationToken,
+}
+
+impl Sim {
+    pub async fn start(config: SimConfig) -> Sim {
+        Sim::start_on("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    pub async fn start_on(address: SocketAddr, config: SimConfig) -> Sim {
+        let listener = TcpListener::bind(address).await.unwrap();
+        let stop = CancellationToken::new();
+        let handle = smsgw::sim::start(listener, config, stop.clone());
+        Sim { handle, stop }
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Simulator settings for tests: quick receipts.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        receipt_delay: Duration::from_millis(50),
+        ..SimConfig::default()
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub url: String,
+    pub db: PathBuf,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), smsgw::RunError>>>,
+    pub client: reqwest::Client,
+}
+
+/// The configuration every test starts from: two accounts, one carrier at `carrier`.
+pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> String {
+    let hook_lines = hooks
+        .map(|url| format!("webhook_url = \"{url}\"\nwebhook_secret = \"{HOOK_SECRET}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+        [store]
+        path = "{db}"
+        [messages]
+        retry_schedule = ["200ms"]
+        [webhooks]
+        retry_schedule = ["100ms"]
+        [privacy]
+        pseudonym_key = "test-pseudonym-key-0123456789"
+        [[accounts]]
+        name = "a"
+        api_keys = ["{hash_a}"]
+        senders = ["+46700000001"]
+        {hook_lines}
+        [[accounts]]
+        name = "b"
+        api_keys = ["{hash_b}"]
+        [[carriers]]
+        name = "sim"
+        address = "{carrier}"
+        window = 10
+        rate_per_second = 2000
+        reconnect_min = "50ms"
+        reconnect_max = "500ms"
+        response_timeout = "3s"
+        "#,
+        db = db.display(),
+        hash_a = smsgw::api::auth::hash_key(KEY_A),
+        hash_b = smsgw::api::auth::hash_key(KEY_B),
+    )
+}
+
+pub fn parse_config(text: &str) -> Config {
+    Config::parse(text, Path::new("test.toml")).expect("test config is valid")
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Gateway {
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", http.local_addr().unwrap());
+        let db = config.store.path.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(smsgw::run(
+            config,
+            smsgw::Listeners { http },
+            shutdown.clone(),
+        ));
+        let gateway = Gateway {
+            url,
+            db,
+            shutdown,
+            task: Some(task),
+            client: reqwest::Client::new(),
+        };
+        gateway.wait_until_serving().await;
+        gateway
+    }
+
+    async fn wait_until_serving(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(format!("{}/healthz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the gateway did not start serving");
+    }
+
+    /// Waits until at least one bind is up (`/readyz` answers 200).
+    pub async fn wait_ready(&self) {
+        eventually(Duration::from_secs(10), "the gateway to be ready", || async {
+            let r = self.client.get(format!("{}/readyz", self.url)).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the gateway as SIGTERM does and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("the gateway stops within 20 s")
+                .unwrap()
+                .expect("the gateway stops cleanly");
+        }
+    }
+
+    pub async fn post(&self, key: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}/v1/messages", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, key: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, HeaderMap, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/messages", self.url))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let r = request.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, key: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .delete(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn message(&self, key: &str, id: &str) -> Value {
+        let (status, body) = self.get(key, &format!("/v1/messages/{id}")).await;
+        assert_eq!(status, 200, "GET message: {body}");
+        body
+    }
+
+    /// Waits until the message reaches `status`.
+    pub async fn wait_status(&self, key: &str, id: &str, status: &str) -> Value {
+        let what = format!("message {id} to be {status}");
+        eventually(Duration::from_secs(15), &what, || async {
+            let m = self.message(key, id).await;
+            (m["status"] == status).then_some(m)
+        })
+        .await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A message body for account tests.
+pub fn message(to: &str, text: &str) -> Value {
+    serde_json::json!({ "to": to, "from": "iP1", "text": text })
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Receives webhooks like an application would.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub received: Arc<Mutex<Vec<(HeaderMap, String)>>>,
+    pub url: String,
+}
+
+impl Hooks {
+    pub async fn start() -> Hooks {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut hooks = Hooks {
+            url: format!("http://{}/hooks", listener.local_addr().unwrap()),
+            ..Hooks::default()
+        };
+        let received = hooks.received.clone();
+        let app = axum::Router::new().route(
+            "/hooks",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let received = received.clone();
+                async move {
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    received.lock().unwrap().push((headers, body));
+                    "ok"
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        hooks.url = hooks.url.clone();
+        hooks
+    }
+
+    pub fn bodies(&self) -> Vec<(HeaderMap, Value)> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, b)| (h.clone(), serde_json::from_str(b).unwrap_or(Value::Null)))
+            .collect()
+    }
+
+    pub fn raw(&self) -> Vec<(HeaderMap, String)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// A temporary directory with the database path inside.
+pub fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("smsgw.db");
+    (dir, db)
+}
