@@ -438,10 +438,18 @@ impl Config {
 
     fn validate_accounts(&self, problems: &mut Vec<String>) {
         let mut names = std::collections::HashSet::new();
+        let mut senders = std::collections::HashSet::new();
         for (i, account) in self.accounts.iter().enumerate() {
             let key = format!("accounts[{i}]");
             if account.name.is_empty() || !names.insert(account.name.as_str()) {
                 problems.push(format!("{key}.name: must be set and unique"));
+            }
+            for (j, sender) in account.senders.iter().enumerate() {
+                if !senders.insert(sender.trim_start_matches('+')) {
+                    problems.push(format!(
+                        "{key}.senders[{j}]: `{sender}` belongs to another account already (inbound replies need one owner)"
+                    ));
+                }
             }
             if account.api_keys.is_empty() {
                 problems.push(format!("{key}.api_keys: needs at least one key hash"));

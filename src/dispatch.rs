@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
@@ -24,6 +24,8 @@ const NO_CARRIER_DELAY_MS: i64 = 2_000;
 const THROTTLED_DELAY_MS: i64 = 1_000;
 /// Longest idle sleep: the store is asked again at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How often to look for a bind when none is up.
+const NO_CARRIER_POLL: Duration = Duration::from_millis(200);
 
 pub struct Dispatcher {
     pub store: Arc<dyn Store>,
@@ -38,31 +40,34 @@ impl Dispatcher {
         let this = Arc::new(self);
         let mut in_flight = JoinSet::new();
         let signals = this.store.signals().clone();
+        let mut next_release = Instant::now() + this.lease / 2;
         while !shutdown.is_cancelled() {
-            let room = this.config.max_in_flight.saturating_sub(in_flight.len());
-            let claimed = if room > 0 {
+            if Instant::now() >= next_release {
+                this.release_expired_claims().await;
+                next_release = Instant::now() + this.lease / 2;
+            }
+            // With no bind up, claiming would only bounce messages back to the queue.
+            let room = if this.router.any_bound() {
+                this.config.max_in_flight.saturating_sub(in_flight.len())
+            } else {
+                0
+            };
+            let mut wait = IDLE_POLL;
+            if room > 0 {
                 let lease_until = now_ms() + this.lease.as_millis() as i64;
                 match this.store.claim_due(room.min(512), lease_until).await {
-                    Ok(claimed) => claimed,
-                    Err(e) => {
-                        error!(error = %e, "claiming due messages failed");
-                        Vec::new()
+                    Ok(claimed) if !claimed.is_empty() => {
+                        for message in claimed {
+                            in_flight.spawn(this.clone().send(message));
+                        }
+                        continue;
                     }
+                    Ok(_) => wait = this.until_next_due().await,
+                    Err(e) => error!(error = %e, "claiming due messages failed"),
                 }
-            } else {
-                Vec::new()
-            };
-            if !claimed.is_empty() {
-                for message in claimed {
-                    in_flight.spawn(this.clone().send(message));
-                }
-                continue;
+            } else if !this.router.any_bound() {
+                wait = NO_CARRIER_POLL;
             }
-            let wait = if room == 0 {
-                IDLE_POLL
-            } else {
-                this.until_next_due().await
-            };
             tokio::select! {
                 () = signals.queue.notified() => {}
                 () = sleep(wait) => {}
@@ -72,6 +77,19 @@ impl Dispatcher {
             while in_flight.try_join_next().is_some() {}
         }
         while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Returns to the queue messages whose lease ended without a recorded outcome (an attempt
+    /// whose result could not be stored).
+    async fn release_expired_claims(&self) {
+        match self.store.release_claims(false).await {
+            Ok(0) => {}
+            Ok(n) => warn!(
+                messages = n,
+                "leases ended without an outcome; queued again"
+            ),
+            Err(e) => warn!(error = %e, "releasing expired claims failed"),
+        }
     }
 
     async fn until_next_due(&self) -> Duration {
@@ -92,7 +110,8 @@ impl Dispatcher {
         let result = self.attempt(&message).await;
         debug!(id = %message.id, next = ?result.next, "attempt done");
         if let Err(e) = self.store.record_attempts(vec![result]).await {
-            // The lease returns the message to the queue; its parts may be sent again.
+            // The lease returns it to the queue (`release_expired_claims`); parts the carrier
+            // accepted may then be sent again.
             error!(id = %message.id, error = %e, "recording an attempt failed");
         }
     }

@@ -152,13 +152,13 @@ pub async fn run(
 
 /// Which account an inbound SMS belongs to, by the number or sender id it was sent to, and
 /// that account's webhook.
-fn inbound_routes(config: &Config) -> HashMap<String, receipt::InboundRoute> {
+fn inbound_routes(config: &Config) -> HashMap<String, store::InboundOwner> {
     let mut routes = HashMap::new();
     for account in &config.accounts {
         for sender in &account.senders {
             routes.insert(
                 sender.trim_start_matches('+').to_owned(),
-                receipt::InboundRoute {
+                store::InboundOwner {
                     account: account.name.clone(),
                     webhook_url: account.webhook_url.clone(),
                 },

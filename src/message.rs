@@ -18,6 +18,16 @@ impl MessageId {
         MessageId(Uuid::now_v7())
     }
 
+    /// The smallest id created at `ms`: a bound for "created since" queries.
+    pub fn first_at(ms: i64) -> MessageId {
+        let ms = ms.clamp(0, (1 << 48) - 1) as u64;
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        bytes[6] = 0x70; // version 7
+        bytes[8] = 0x80; // RFC 4122 variant
+        MessageId(Uuid::from_bytes(bytes))
+    }
+
     /// The 8-bit concatenation reference of this message: stable across attempts, so that parts
     /// resubmitted after a failure still join the parts that were accepted before.
     pub fn concat_reference(&self) -> u8 {
@@ -331,6 +341,15 @@ pub fn rfc3339(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_sort_by_creation_time_and_first_at_bounds_them() {
+        let before = now_ms();
+        let id = MessageId::new();
+        assert!(MessageId::first_at(before) <= id);
+        assert!(MessageId::first_at(before + 2) > id);
+        assert!(MessageId::first_at(before).to_string() <= id.to_string());
+    }
 
     #[test]
     fn numbers_are_normalised_to_e164() {

@@ -1,13 +1,20 @@
 //! Inbound deliver_sm: tell a delivery receipt (DLR) from a mobile-originated SMS, and read
 //! receipts the many ways SMSCs write them (DOMAIN §3).
 //!
-//! Pure functions over rusmpp's owned `DeliverSm`: no I/O, no state. Matching a receipt to a
-//! stored message is the caller's job; `normalize_id` gives it the key.
+//! Classifying and parsing are pure functions over rusmpp's owned `DeliverSm`; [`handler`]
+//! stores what they find (the store matches a receipt to its message by `normalize_id`) before
+//! the session acknowledges the PDU.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::FutureExt;
 use rusmpp::pdus::DeliverSm;
 use rusmpp::tlvs::TlvValue;
 
 use crate::encoding::{self, Concat};
+use crate::smpp::status::{ESME_ROK, ESME_RX_T_APPN};
+use crate::store::{InboundOwner, Store};
 
 /// Message state as reported by a receipt: message_state TLV values 0..=9 (DOMAIN §3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,6 +336,54 @@ pub fn normalize_id(id: &str) -> String {
         "0".to_owned()
     } else {
         stripped.to_owned()
+    }
+}
+
+/// The deliver_sm handler of one carrier's binds: stores the receipt or inbound SMS, and only
+/// then lets the session acknowledge it (so a crash makes the carrier send it again).
+pub fn handler(
+    store: Arc<dyn Store>,
+    carrier: String,
+    inbound: Arc<HashMap<String, InboundOwner>>,
+) -> crate::smpp::DeliverHandler {
+    Arc::new(move |pdu: DeliverSm| {
+        let store = store.clone();
+        let carrier = carrier.clone();
+        let inbound = inbound.clone();
+        async move { handle(&*store, &carrier, &inbound, &pdu).await }.boxed()
+    })
+}
+
+async fn handle(
+    store: &dyn Store,
+    carrier: &str,
+    inbound: &HashMap<String, InboundOwner>,
+    pdu: &DeliverSm,
+) -> u32 {
+    let stored = match classify(pdu) {
+        Ok(Delivered::Receipt(receipt)) => {
+            let state = receipt.state;
+            store.apply_receipt(carrier, receipt).await.map(|matched| {
+                tracing::debug!(carrier, state = state.as_str(), ?matched, "receipt");
+            })
+        }
+        Ok(Delivered::Inbound(sms)) => {
+            let owner = inbound.get(sms.to.trim_start_matches('+')).cloned();
+            store.store_inbound(carrier, sms, owner).await
+        }
+        Err(error) => {
+            // Acknowledged all the same: refusing it would only make the carrier resend it.
+            tracing::warn!(carrier, %error, "unreadable delivery receipt dropped");
+            Ok(())
+        }
+    };
+    match stored {
+        Ok(()) => ESME_ROK,
+        Err(error) => {
+            // Not stored: ask the carrier to send it again later rather than lose it.
+            tracing::error!(carrier, %error, "storing a deliver_sm failed");
+            ESME_RX_T_APPN
+        }
     }
 }
 
@@ -709,63 +764,5 @@ mod tests {
         };
         let want = receipt("0A1B", ReceiptState::Delivered, Some("000"));
         assert_eq!(classify(dsm), Ok(want));
-    }
-}
-
-/// Where inbound SMS to one of our numbers or sender ids go.
-#[derive(Debug, Clone)]
-pub struct InboundRoute {
-    pub account: String,
-    pub webhook_url: Option<String>,
-}
-
-/// The deliver_sm handler of one carrier's binds: stores the receipt or inbound SMS, and only
-/// then lets the session acknowledge it (so a crash makes the carrier send it again).
-pub fn handler(
-    store: std::sync::Arc<dyn crate::store::Store>,
-    carrier: String,
-    inbound: std::sync::Arc<std::collections::HashMap<String, InboundRoute>>,
-) -> crate::smpp::DeliverHandler {
-    use futures::FutureExt;
-    std::sync::Arc::new(move |pdu: DeliverSm| {
-        let store = store.clone();
-        let carrier = carrier.clone();
-        let inbound = inbound.clone();
-        async move { handle(&*store, &carrier, &inbound, &pdu).await }.boxed()
-    })
-}
-
-async fn handle(
-    store: &dyn crate::store::Store,
-    carrier: &str,
-    inbound: &std::collections::HashMap<String, InboundRoute>,
-    pdu: &DeliverSm,
-) -> u32 {
-    use crate::smpp::status::{ESME_ROK, ESME_RX_T_APPN};
-    let stored = match classify(pdu) {
-        Ok(Delivered::Receipt(receipt)) => {
-            let state = receipt.state;
-            store.apply_receipt(carrier, receipt).await.map(|matched| {
-                tracing::debug!(carrier, state = state.as_str(), ?matched, "receipt");
-            })
-        }
-        Ok(Delivered::Inbound(sms)) => {
-            let route = inbound.get(sms.to.trim_start_matches('+'));
-            let webhook = route.and_then(|r| Some((r.account.clone(), r.webhook_url.clone()?)));
-            store.store_inbound(carrier, sms, webhook).await
-        }
-        Err(error) => {
-            // Acknowledged all the same: refusing it would only make the carrier resend it.
-            tracing::warn!(carrier, %error, "unreadable delivery receipt dropped");
-            Ok(())
-        }
-    };
-    match stored {
-        Ok(()) => ESME_ROK,
-        Err(error) => {
-            // Not stored: ask the carrier to send it again later rather than lose it.
-            tracing::error!(carrier, %error, "storing a deliver_sm failed");
-            ESME_RX_T_APPN
-        }
     }
 }

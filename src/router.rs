@@ -23,6 +23,10 @@ impl Router {
         &self.carriers
     }
 
+    pub fn any_bound(&self) -> bool {
+        self.carriers.iter().any(|c| c.is_bound())
+    }
+
     /// A carrier with a live bind, taking turns between them; `None` when none is bound, so
     /// the message waits in the store rather than in a dead link's queue.
     pub fn route(&self) -> Option<&Arc<Carrier>> {

@@ -75,7 +75,12 @@ impl WebhookSender {
                 }
                 continue;
             }
-            let wait = this.until_next_due().await;
+            // With every permit taken, only a finished post makes room: no polling meanwhile.
+            let wait = if room == 0 {
+                IDLE_POLL
+            } else {
+                this.until_next_due().await
+            };
             tokio::select! {
                 () = signals.webhooks.notified() => {}
                 () = sleep(wait) => {}

@@ -25,8 +25,12 @@ async fn a_message_is_sent_delivered_and_reported_by_signed_webhooks() {
     let (_dir, db) = temp_db();
     let sim = Sim::start(sim_config()).await;
     let hooks = Hooks::start().await;
-    let gateway =
-        Gateway::start(parse_config(&config_text(&db, sim.address(), Some(&hooks.url)))).await;
+    let gateway = Gateway::start(parse_config(&config_text(
+        &db,
+        sim.address(),
+        Some(&hooks.url),
+    )))
+    .await;
     gateway.wait_ready().await;
 
     let (status, answer) = gateway
@@ -55,7 +59,10 @@ async fn a_message_is_sent_delivered_and_reported_by_signed_webhooks() {
     assert_eq!(submitted[0].source_addr, "iP1");
     assert_eq!(submitted[0].esm_class, 0x00);
     assert_eq!(submitted[0].registered_delivery & 0x01, 0x01);
-    assert_eq!(encoding::decode(submitted[0].data_coding, &submitted[0].short_message), "Hej!");
+    assert_eq!(
+        encoding::decode(submitted[0].data_coding, &submitted[0].short_message),
+        "Hej!"
+    );
 
     let hooks_seen = eventually(Duration::from_secs(10), "three webhooks", || async {
         let seen = hooks.raw();
@@ -87,7 +94,10 @@ async fn a_five_part_ucs2_message_with_an_emoji_arrives_as_five_correct_parts() 
     // 66 units then an emoji across the first part boundary: the surrogate pair must not be cut.
     let text: String = "ж".repeat(66) + "👍" + &"Привет, мир! ".repeat(19);
     let plan = encoding::plan(&text);
-    assert_eq!((plan.encoding, plan.segments), (encoding::Encoding::Ucs2, 5));
+    assert_eq!(
+        (plan.encoding, plan.segments),
+        (encoding::Encoding::Ucs2, 5)
+    );
 
     let (status, answer) = gateway.post(KEY_A, &message(TO, &text)).await;
     assert_eq!(status, 202, "{answer}");
@@ -120,7 +130,9 @@ async fn throttling_by_the_carrier_slows_the_link_and_loses_nothing() {
         ..sim_config()
     })
     .await;
-    let batch: Vec<_> = (0..60).map(|i| message(TO, &format!("message {i}"))).collect();
+    let batch: Vec<_> = (0..60)
+        .map(|i| message(TO, &format!("message {i}")))
+        .collect();
     let (status, answer) = gateway.post(KEY_A, &json!({ "messages": batch })).await;
     assert_eq!(status, 202, "{answer}");
     let ids: Vec<String> = answer["messages"]
@@ -134,7 +146,11 @@ async fn throttling_by_the_carrier_slows_the_link_and_loses_nothing() {
         gateway.wait_status(KEY_A, id, "delivered").await;
     }
     assert!(sim.handle.throttled_count() > 0, "the simulator throttled");
-    assert_eq!(sim.handle.submitted_count(), 60, "each message accepted exactly once");
+    assert_eq!(
+        sim.handle.submitted_count(),
+        60,
+        "each message accepted exactly once"
+    );
 }
 
 #[tokio::test]
@@ -144,7 +160,9 @@ async fn a_dropped_link_mid_window_reconnects_and_every_message_ends_final() {
         ..sim_config()
     })
     .await;
-    let batch: Vec<_> = (0..40).map(|i| message(TO, &format!("message {i}"))).collect();
+    let batch: Vec<_> = (0..40)
+        .map(|i| message(TO, &format!("message {i}")))
+        .collect();
     let (_, answer) = gateway.post(KEY_A, &json!({ "messages": batch })).await;
     eventually(Duration::from_secs(10), "some submits", || async {
         (sim.handle.submitted_count() >= 5).then_some(())
@@ -156,7 +174,11 @@ async fn a_dropped_link_mid_window_reconnects_and_every_message_ends_final() {
         eventually(Duration::from_secs(20), "a final status", || async {
             let m = gateway.message(KEY_A, id).await;
             let status = m["status"].as_str().unwrap().to_owned();
-            matches!(status.as_str(), "delivered" | "undelivered" | "failed" | "expired").then_some(())
+            matches!(
+                status.as_str(),
+                "delivered" | "undelivered" | "failed" | "expired"
+            )
+            .then_some(())
         })
         .await;
     }
@@ -222,7 +244,9 @@ async fn messages_queued_before_a_restart_are_all_sent_after_it() {
     let gateway = Gateway::start(parse_config(&config_text(&db, address, None))).await;
     let mut ids = Vec::new();
     for i in 0..10 {
-        let (status, answer) = gateway.post(KEY_A, &message(TO, &format!("queued {i}"))).await;
+        let (status, answer) = gateway
+            .post(KEY_A, &message(TO, &format!("queued {i}")))
+            .await;
         assert_eq!(status, 202);
         ids.push(answer["id"].as_str().unwrap().to_owned());
     }
@@ -244,13 +268,19 @@ async fn a_scheduled_message_can_be_canceled_and_is_never_sent() {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     let (status, answer) = gateway
-        .post(KEY_A, &json!({ "to": TO, "from": "iP1", "text": "later", "send_at": send_at }))
+        .post(
+            KEY_A,
+            &json!({ "to": TO, "from": "iP1", "text": "later", "send_at": send_at }),
+        )
         .await;
     assert_eq!(status, 202);
     assert_eq!(answer["status"], "scheduled");
     let id = answer["id"].as_str().unwrap();
 
-    assert_eq!(gateway.delete(KEY_B, &format!("/v1/messages/{id}")).await.0, 404);
+    assert_eq!(
+        gateway.delete(KEY_B, &format!("/v1/messages/{id}")).await.0,
+        404
+    );
     let (status, body) = gateway.delete(KEY_A, &format!("/v1/messages/{id}")).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("canceled")));
     let (status, body) = gateway.delete(KEY_A, &format!("/v1/messages/{id}")).await;
@@ -285,7 +315,9 @@ async fn an_idempotency_key_returns_the_first_answer_again() {
     gateway
         .wait_status(KEY_A, first["id"].as_str().unwrap(), "delivered")
         .await;
-    gateway.wait_status(KEY_B, b["id"].as_str().unwrap(), "delivered").await;
+    gateway
+        .wait_status(KEY_B, b["id"].as_str().unwrap(), "delivered")
+        .await;
     assert_eq!(sim.handle.submitted_count(), 2);
 }
 
@@ -318,49 +350,132 @@ async fn the_message_list_pages_and_filters() {
     let (_, page1) = gateway.get(KEY_A, "/v1/messages?limit=4").await;
     assert_eq!(page1["messages"].as_array().unwrap().len(), 4);
     let cursor = page1["next_cursor"].as_str().unwrap();
-    let (_, page2) = gateway.get(KEY_A, &format!("/v1/messages?limit=4&cursor={cursor}")).await;
+    let (_, page2) = gateway
+        .get(KEY_A, &format!("/v1/messages?limit=4&cursor={cursor}"))
+        .await;
     assert_eq!(page2["messages"].as_array().unwrap().len(), 2);
     assert!(page2["next_cursor"].is_null());
 
     let (_, filtered) = gateway.get(KEY_A, "/v1/messages?to=%2B46701111111").await;
     assert_eq!(filtered["messages"].as_array().unwrap().len(), 1);
     let (status, bad) = gateway.get(KEY_A, "/v1/messages?status=lost").await;
-    assert_eq!((status, bad["error"]["code"].as_str()), (422, Some("invalid_status")));
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (422, Some("invalid_status"))
+    );
 }
 
 #[tokio::test]
 async fn bad_input_gets_a_specific_client_error() {
     let (_dir, sim, gateway) = setup(sim_config()).await;
     let cases: Vec<(serde_json::Value, u16, &str, Option<&str>)> = vec![
-        (message("0701234567", "x"), 422, "invalid_number", Some("to")),
+        (
+            message("0701234567", "x"),
+            422,
+            "invalid_number",
+            Some("to"),
+        ),
         (message("+4612", "x"), 422, "invalid_number", Some("to")),
         (message(TO, "   "), 422, "empty_text", Some("text")),
-        (message(TO, &"a".repeat(1531)), 422, "text_too_long", Some("text")),
-        (json!({ "to": TO, "from": "ThisIsTooLong", "text": "x" }), 422, "invalid_sender", Some("from")),
-        (json!({ "to": TO, "from": "iP1", "text": "x", "colour": "red" }), 400, "unknown_field", Some("colour")),
-        (json!({ "to": TO, "text": "x" }), 400, "missing_field", Some("from")),
-        (json!({ "to": TO, "from": "iP1", "text": "x", "send_at": "tomorrow" }), 422, "invalid_time", Some("send_at")),
-        (json!({ "to": TO, "from": "iP1", "text": "x", "valid_for": "forever" }), 422, "invalid_validity", Some("valid_for")),
-        (json!({ "to": TO, "from": "iP1", "text": "x", "callback_url": "ftp://x" }), 422, "invalid_callback_url", Some("callback_url")),
-        (json!({ "to": TO, "from": "iP1", "text": "x", "category": "spam" }), 400, "invalid_value", None),
+        (
+            message(TO, &"a".repeat(1531)),
+            422,
+            "text_too_long",
+            Some("text"),
+        ),
+        (
+            json!({ "to": TO, "from": "ThisIsTooLong", "text": "x" }),
+            422,
+            "invalid_sender",
+            Some("from"),
+        ),
+        (
+            json!({ "to": TO, "from": "iP1", "text": "x", "colour": "red" }),
+            400,
+            "unknown_field",
+            Some("colour"),
+        ),
+        (
+            json!({ "to": TO, "text": "x" }),
+            400,
+            "missing_field",
+            Some("from"),
+        ),
+        (
+            json!({ "to": TO, "from": "iP1", "text": "x", "send_at": "tomorrow" }),
+            422,
+            "invalid_time",
+            Some("send_at"),
+        ),
+        (
+            json!({ "to": TO, "from": "iP1", "text": "x", "valid_for": "forever" }),
+            422,
+            "invalid_validity",
+            Some("valid_for"),
+        ),
+        (
+            json!({ "to": TO, "from": "iP1", "text": "x", "callback_url": "ftp://x" }),
+            422,
+            "invalid_callback_url",
+            Some("callback_url"),
+        ),
+        (
+            json!({ "to": TO, "from": "iP1", "text": "x", "category": "spam" }),
+            400,
+            "invalid_value",
+            None,
+        ),
     ];
     for (body, status, code, field) in cases {
         let (got, answer) = gateway.post(KEY_A, &body).await;
         assert_eq!(got, status, "{body} → {answer}");
         assert_eq!(answer["error"]["code"], code, "{body} → {answer}");
-        assert_eq!(answer["error"]["field"].as_str(), field, "{body} → {answer}");
-        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            answer["error"]["field"].as_str(),
+            field,
+            "{body} → {answer}"
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
 
+    let (status, answer) = gateway
+        .post(KEY_A, &json!({ "to": TO, "from": "Other", "text": "x" }))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (422, Some("sender_not_allowed"))
+    );
+    // Account b has no webhook secret: an unsigned callback is refused.
+    let (status, answer) = gateway
+        .post(KEY_B, &json!({ "to": TO, "from": "Other", "text": "x", "callback_url": "http://127.0.0.1:9/x" }))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (422, Some("webhooks_not_configured"))
+    );
+
     let (status, _, answer) = gateway.post_raw(KEY_A, b"{\"to\": ".to_vec(), &[]).await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("invalid_json")));
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
 
     let huge = serde_json::to_vec(&message(TO, &"a".repeat(2 * 1024 * 1024))).unwrap();
     let (status, _, answer) = gateway.post_raw(KEY_A, huge, &[]).await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (413, Some("body_too_large")));
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
 
     let (status, _, answer) = gateway.post_raw("wrong-key", b"{}".to_vec(), &[]).await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
 
     // A batch answers per item and stores the valid ones.
     let batch = json!({ "messages": [message(TO, "good"), message("nope", "bad")] });
@@ -369,9 +484,17 @@ async fn bad_input_gets_a_specific_client_error() {
     assert_eq!(answer["messages"][0]["status"], "queued");
     assert_eq!(answer["messages"][1]["error"]["code"], "invalid_number");
     gateway
-        .wait_status(KEY_A, answer["messages"][0]["id"].as_str().unwrap(), "delivered")
+        .wait_status(
+            KEY_A,
+            answer["messages"][0]["id"].as_str().unwrap(),
+            "delivered",
+        )
         .await;
-    assert_eq!(sim.handle.submitted_count(), 1, "nothing invalid reached the carrier");
+    assert_eq!(
+        sim.handle.submitted_count(),
+        1,
+        "nothing invalid reached the carrier"
+    );
 }
 
 #[tokio::test]
@@ -379,8 +502,12 @@ async fn an_inbound_sms_is_stored_and_posted_to_the_owning_account() {
     let (_dir, db) = temp_db();
     let sim = Sim::start(sim_config()).await;
     let hooks = Hooks::start().await;
-    let gateway =
-        Gateway::start(parse_config(&config_text(&db, sim.address(), Some(&hooks.url)))).await;
+    let gateway = Gateway::start(parse_config(&config_text(
+        &db,
+        sim.address(),
+        Some(&hooks.url),
+    )))
+    .await;
     gateway.wait_ready().await;
     sim.handle
         .send_mo("+46709999999", "+46700000001", "Hej tillbaka")
@@ -435,5 +562,8 @@ async fn shutdown_with_a_window_in_flight_loses_nothing() {
         assert_eq!(m["to"], TO);
     }
     let submitted = sim.handle.submitted_count();
-    assert!(submitted >= 200, "every message submitted at least once ({submitted})");
+    assert!(
+        submitted >= 200,
+        "every message submitted at least once ({submitted})"
+    );
 }

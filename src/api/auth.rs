@@ -14,7 +14,17 @@ use crate::config::AccountConfig;
 pub struct Account {
     pub name: String,
     pub webhook_url: Option<String>,
+    /// Webhooks of this account can be signed (and so may be sent).
+    pub can_sign_webhooks: bool,
+    /// Senders this account may use; empty allows any.
+    pub senders: Vec<String>,
     key_hashes: Vec<[u8; 32]>,
+}
+
+impl Account {
+    pub fn may_send_as(&self, sender: &str) -> bool {
+        self.senders.is_empty() || self.senders.iter().any(|s| s == sender)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -28,6 +38,12 @@ impl Accounts {
                 .map(|a| Account {
                     name: a.name.clone(),
                     webhook_url: a.webhook_url.clone(),
+                    can_sign_webhooks: a.webhook_secret.is_some(),
+                    senders: a
+                        .senders
+                        .iter()
+                        .map(|s| s.trim_start_matches('+').to_owned())
+                        .collect(),
                     key_hashes: a
                         .api_keys
                         .iter()

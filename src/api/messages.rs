@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::auth::Account;
 use super::error::ApiError;
 use super::{AppState, authenticate};
 use crate::encoding;
@@ -66,10 +67,7 @@ pub async fn submit(
     body: Body,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let limit = state.http.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::body_too_large(limit))?;
+    let bytes = read_body(&state, body).await?;
     let idempotency_key = idempotency_key(&headers)?;
     let request_hash = hex::encode(Sha256::digest(&bytes));
     if let Some(key) = &idempotency_key
@@ -77,12 +75,7 @@ pub async fn submit(
     {
         return replay(first, &request_hash);
     }
-    let (status, answer, messages) = build(
-        &state,
-        &account.name,
-        account.webhook_url.as_deref(),
-        &bytes,
-    )?;
+    let (status, answer, messages) = build(&state, account, &bytes)?;
     let answer_text = answer.to_string();
     let idempotency = idempotency_key.map(|key| IdempotentAnswer {
         key,
@@ -97,6 +90,23 @@ pub async fn submit(
     {
         SubmitResult::Stored => Ok(json_response(status, answer_text)),
         SubmitResult::Replay(first) => replay(first, &request_hash),
+    }
+}
+
+/// Reads the body within the size limit and the request timeout. The timeout covers only the
+/// upload: once the body is in, the request is answered, so a slow client cannot leave a stored
+/// message behind a timeout error (and be tempted to submit it again).
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.http.max_body_bytes;
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(state.http.request_timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        )),
     }
 }
 
@@ -144,8 +154,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 /// answer. A batch answers per item; its valid items are stored even when others are not.
 fn build(
     state: &AppState,
-    account: &str,
-    account_webhook: Option<&str>,
+    account: &Account,
     bytes: &Bytes,
 ) -> Result<(StatusCode, Value, Vec<NewMessage>), ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))?;
@@ -173,7 +182,7 @@ fn build(
         _ => {
             let request: SubmitRequest =
                 serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
-            let message = validate(state, account, account_webhook, request, now)?;
+            let message = validate(state, account, request, now)?;
             let answer = serde_json::to_value(accepted(&message)).unwrap_or_default();
             return Ok((StatusCode::ACCEPTED, answer, vec![message]));
         }
@@ -191,7 +200,7 @@ fn build(
     for item in batch {
         let result = serde_json::from_value::<SubmitRequest>(item.clone())
             .map_err(|e| ApiError::from_json(&e))
-            .and_then(|request| validate(state, account, account_webhook, request, now));
+            .and_then(|request| validate(state, account, request, now));
         match result {
             Ok(message) => {
                 answers.push(serde_json::to_value(accepted(&message)).unwrap_or_default());
@@ -220,8 +229,7 @@ fn accepted(message: &NewMessage) -> Accepted {
 
 fn validate(
     state: &AppState,
-    account: &str,
-    account_webhook: Option<&str>,
+    account: &Account,
     request: SubmitRequest,
     now: i64,
 ) -> Result<NewMessage, ApiError> {
@@ -229,6 +237,13 @@ fn validate(
         .map_err(|e| ApiError::invalid("invalid_number", "to", format!("`to` {e}")))?;
     let sender = Sender::parse(&request.from)
         .map_err(|e| ApiError::invalid("invalid_sender", "from", format!("`from` {e}")))?;
+    if !account.may_send_as(sender.as_str()) {
+        return Err(ApiError::invalid(
+            "sender_not_allowed",
+            "from",
+            "this account may not send from that sender; see its `senders`",
+        ));
+    }
     if request.text.trim().is_empty() {
         return Err(ApiError::invalid(
             "empty_text",
@@ -265,6 +280,13 @@ fn validate(
     };
     if let Some(url) = &request.callback_url {
         check_callback_url(url)?;
+        if !account.can_sign_webhooks {
+            return Err(ApiError::invalid(
+                "webhooks_not_configured",
+                "callback_url",
+                "the account has no webhook_secret, and webhooks are always signed",
+            ));
+        }
     }
     if let Some(reference) = &request.reference
         && reference.len() > MAX_REFERENCE
@@ -283,7 +305,7 @@ fn validate(
     };
     Ok(NewMessage {
         id: MessageId::new(),
-        account: account.to_owned(),
+        account: account.name.clone(),
         reference: request.reference,
         recipient: recipient.as_str().to_owned(),
         sender: sender.as_str().to_owned(),
@@ -295,9 +317,7 @@ fn validate(
             Priority::Normal => 0,
             Priority::High => 1,
         },
-        webhook_url: request
-            .callback_url
-            .or_else(|| account_webhook.map(str::to_owned)),
+        webhook_url: request.callback_url.or_else(|| account.webhook_url.clone()),
         consent_at,
         status,
         detail: None,

@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::config::{HttpConfig, MessagesConfig};
 use crate::router::Router as CarrierRouter;
@@ -30,7 +29,6 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let timeout = state.http.request_timeout;
     Router::new()
         .route("/v1/messages", get(messages::list).post(messages::submit))
         .route(
@@ -41,10 +39,6 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
         .with_state(state)
 }
 

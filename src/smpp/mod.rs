@@ -11,7 +11,10 @@ use std::sync::atomic::Ordering;
 use rusmpp::pdus::SubmitSm;
 use rusmpp::types::{COctetString, OctetString};
 use rusmpp::values::{DataCoding, EsmClass, Npi, RegisteredDelivery, Ton};
+use std::time::Duration;
+
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +28,10 @@ pub struct Carrier {
     pub name: String,
     jobs: mpsc::Sender<SubmitJob>,
     pub health: Arc<CarrierHealth>,
+    /// How long a segment may wait for a bind to take it.
+    queue_wait: Duration,
+    /// After which an answer can no longer come: taken, written, timed out, and drained.
+    answer_limit: Duration,
 }
 
 impl Carrier {
@@ -56,6 +63,10 @@ impl Carrier {
             name: config.name.clone(),
             jobs,
             health,
+            queue_wait: config.response_timeout,
+            answer_limit: config.response_timeout * 2
+                + config.drain_timeout
+                + Duration::from_secs(5),
         }
     }
 
@@ -63,14 +74,27 @@ impl Carrier {
         self.health.bound.load(Ordering::SeqCst) > 0
     }
 
-    /// Submits one segment and waits for its outcome.
+    /// Submits one segment and waits for its outcome, for a bounded time: a segment no bind
+    /// takes in time comes back `NotSent`.
     pub async fn submit(&self, pdu: SubmitSm) -> SubmitOutcome {
         let (reply, outcome) = oneshot::channel();
-        if self.jobs.send(SubmitJob { pdu, reply }).await.is_err() {
-            return SubmitOutcome::NotSent;
+        let job = SubmitJob {
+            pdu,
+            reply,
+            not_after: Instant::now() + self.queue_wait,
+        };
+        match timeout(self.queue_wait, self.jobs.send(job)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return SubmitOutcome::NotSent,
         }
-        // A dropped reply means the job was never taken from the queue.
-        outcome.await.unwrap_or(SubmitOutcome::NotSent)
+        match timeout(self.answer_limit, outcome).await {
+            Ok(Ok(outcome)) => outcome,
+            // Dropped unanswered: the queue was closed with the job still in it.
+            Ok(Err(_)) => SubmitOutcome::NotSent,
+            Err(_) => SubmitOutcome::Unknown {
+                reason: format!("no outcome within {:?}", self.answer_limit),
+            },
+        }
     }
 }
 

@@ -38,11 +38,15 @@ const MAX_PDU_LENGTH: usize = 4096;
 const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(100);
+const DELIVER_SM: u32 = 0x0000_0005;
 
 /// One segment to submit, and where its outcome goes.
 pub struct SubmitJob {
     pub pdu: SubmitSm,
     pub reply: oneshot::Sender<SubmitOutcome>,
+    /// A job still queued at this time is answered `NotSent`: its message goes back to the
+    /// store (and may take another carrier) instead of waiting on a dead link.
+    pub not_after: Instant,
 }
 
 /// What became of one submit_sm.
@@ -121,7 +125,9 @@ pub async fn run(bind: Bind) {
                 bind.health.bound.fetch_add(1, Ordering::SeqCst);
                 info!(carrier = %carrier.name, bind = bind.index, "bound");
                 let end = Session::new(&bind, &limiter).serve(link).await;
-                bind.health.bound.fetch_sub(1, Ordering::SeqCst);
+                if bind.health.bound.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    return_queued_jobs(&bind.jobs).await;
+                }
                 match end {
                     SessionEnd::Shutdown => {
                         info!(carrier = %carrier.name, bind = bind.index, "unbound for shutdown");
@@ -152,6 +158,14 @@ pub async fn run(bind: Bind) {
             () = sleep(delay) => {}
             () = bind.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// With no bind left, nothing would take the queued jobs: they go back to the dispatcher.
+async fn return_queued_jobs(jobs: &Mutex<mpsc::Receiver<SubmitJob>>) {
+    let mut jobs = jobs.lock().await;
+    while let Ok(job) = jobs.try_recv() {
+        let _ = job.reply.send(SubmitOutcome::NotSent);
     }
 }
 
@@ -274,6 +288,19 @@ impl<'a> Session<'a> {
                         let _ = job.reply.send(SubmitOutcome::NotSent);
                     }
                 }
+                // Acknowledgements and timers come before new frames, so that a busy carrier
+                // cannot starve them.
+                Some((sequence, code)) = self.acks.next(), if !self.acks.is_empty() => {
+                    let resp = Command::new(CommandStatus::from(code), sequence, DeliverSmResp::default());
+                    if let Err(e) = link.send(resp).await {
+                        break SessionEnd::Lost(format!("write failed: {e}"));
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(end) = self.on_tick(&mut link).await {
+                        break end;
+                    }
+                }
                 frame = link.next() => match frame {
                     Some(Ok(frame)) => {
                         if let Err(end) = self.on_frame(&mut link, frame).await {
@@ -283,12 +310,6 @@ impl<'a> Session<'a> {
                     Some(Err(e)) => break SessionEnd::Lost(format!("unreadable stream: {e}")),
                     None => break SessionEnd::Lost("closed by the carrier".into()),
                 },
-                Some((sequence, code)) = self.acks.next(), if !self.acks.is_empty() => {
-                    let resp = Command::new(CommandStatus::from(code), sequence, DeliverSmResp::default());
-                    if let Err(e) = link.send(resp).await {
-                        break SessionEnd::Lost(format!("write failed: {e}"));
-                    }
-                }
                 () = self.limiter.until_ready(), if can_send => {
                     if let Some(job) = self.ready.take()
                         && let Err(e) = self.submit(&mut link, job).await
@@ -297,14 +318,12 @@ impl<'a> Session<'a> {
                     }
                 }
                 job = next_job(&jobs), if can_take => match job {
+                    Some(job) if job.not_after <= Instant::now() => {
+                        let _ = job.reply.send(SubmitOutcome::NotSent);
+                    }
                     Some(job) => self.ready = Some(job),
                     None => self.draining = self.draining.or(Some(Instant::now())),
                 },
-                _ = tick.tick() => {
-                    if let Err(end) = self.on_tick(&mut link).await {
-                        break end;
-                    }
-                }
             }
         };
         self.fail_in_flight(&end);
@@ -343,6 +362,12 @@ impl<'a> Session<'a> {
                             reason: format!("unreadable response: {error}"),
                         },
                     );
+                } else if command_id == DELIVER_SM {
+                    // A well-framed deliver_sm with a bad body gets its own response (SMPP 3.4
+                    // §2.8), "permanent error", so that the carrier does not resend it for ever.
+                    let status = CommandStatus::from(status::ESME_RX_P_APPN);
+                    let resp = Command::new(status, sequence_number, DeliverSmResp::default());
+                    link.send(resp).await.map_err(lost)?;
                 } else {
                     let nack = Command::new(
                         CommandStatus::EsmeRunknownerr,
@@ -407,6 +432,7 @@ impl<'a> Session<'a> {
             Some(Pdu::UnbindResp) if self.draining.is_some() => {
                 return Err(SessionEnd::Shutdown);
             }
+            Some(Pdu::AlertNotification(_)) => {}
             _ if command.id().is_response() => {
                 debug!(carrier = %self.bind.carrier.name, id = ?command.id(), "ignored response");
             }
@@ -482,10 +508,24 @@ impl<'a> Session<'a> {
         }
         let _ = timeout(Duration::from_secs(2), async {
             while let Some(Ok(frame)) = link.next().await {
-                if let Frame::Command(c) = frame
-                    && c.sequence_number() == sequence
-                {
-                    break;
+                let Frame::Command(command) = frame else {
+                    continue;
+                };
+                let code = u32::from(command.status());
+                match command.pdu() {
+                    _ if command.sequence_number() == sequence => break,
+                    // Answers to what is still in flight decide whether a message went out:
+                    // they are not thrown away.
+                    Some(Pdu::SubmitSmResp(resp)) if code == status::ESME_ROK => {
+                        let message_id = resp.message_id().as_str().to_owned();
+                        let outcome = SubmitOutcome::Accepted { message_id };
+                        self.answer(command.sequence_number(), outcome);
+                    }
+                    Some(Pdu::SubmitSmResp(_) | Pdu::GenericNack) | None => {
+                        let outcome = SubmitOutcome::Rejected { status: code };
+                        self.answer(command.sequence_number(), outcome);
+                    }
+                    _ => {}
                 }
             }
         })

@@ -25,6 +25,7 @@ pub const ESME_RMSGQFUL: u32 = 0x14;
 pub const ESME_RINVSYSTYP: u32 = 0x53;
 pub const ESME_RTHROTTLED: u32 = 0x58;
 pub const ESME_RX_T_APPN: u32 = 0x64;
+pub const ESME_RX_P_APPN: u32 = 0x65;
 pub const ESME_RSERTYPUNAVAIL: u32 = 0x102;
 
 /// Classifies a submit_sm_resp error status. Unknown and vendor codes (0x400–0x4FF) are

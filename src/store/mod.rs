@@ -171,6 +171,13 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
+/// The account an inbound SMS belongs to (by the number it was sent to), and its webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundOwner {
+    pub account: String,
+    pub webhook_url: Option<String>,
+}
+
 /// A webhook to post, leased to this process.
 #[derive(Debug, Clone)]
 pub struct WebhookJob {
@@ -243,12 +250,13 @@ pub trait Store: Send + Sync + 'static {
         receipt: Receipt,
     ) -> Result<ReceiptMatch, StoreError>;
 
-    /// Stores a mobile-originated message, with a webhook to `webhook` (account, url) if given.
+    /// Stores a mobile-originated message for its owner, if known, with a webhook if the
+    /// owner has one.
     async fn store_inbound(
         &self,
         carrier: &str,
         sms: InboundSms,
-        webhook: Option<(String, String)>,
+        owner: Option<InboundOwner>,
     ) -> Result<(), StoreError>;
 
     /// Returns messages whose lease has ended (a process died while sending them) to the queue.

@@ -62,7 +62,7 @@ enum Op {
     Inbound {
         carrier: String,
         sms: InboundSms,
-        webhook: Option<(String, String)>,
+        owner: Option<InboundOwner>,
     },
     Release {
         all: bool,
@@ -242,14 +242,15 @@ impl Store for SqliteStore {
              WHERE account = ?1
                AND (?2 IS NULL OR status = ?2)
                AND (?3 IS NULL OR recipient = ?3)
-               AND (?4 IS NULL OR created_at >= ?4)
-               AND (?5 IS NULL OR id < ?5)
+               AND id >= COALESCE(?4, '')
+               AND id < COALESCE(?5, '~')
              ORDER BY id DESC LIMIT ?6",
         )
         .bind(account)
         .bind(filter.status.map(|s| s.as_str()))
         .bind(filter.recipient.as_deref())
-        .bind(filter.since)
+        // Ids are UUIDv7, which sort by creation time: `since` becomes an id bound.
+        .bind(filter.since.map(|ms| MessageId::first_at(ms).to_string()))
         .bind(filter.before.map(|id| id.to_string()))
         .bind(filter.limit as i64)
         .fetch_all(&self.readers)
@@ -307,12 +308,12 @@ impl Store for SqliteStore {
         &self,
         carrier: &str,
         sms: InboundSms,
-        webhook: Option<(String, String)>,
+        owner: Option<InboundOwner>,
     ) -> Result<(), StoreError> {
         let op = Op::Inbound {
             carrier: carrier.to_owned(),
             sms,
-            webhook,
+            owner,
         };
         self.call(op).await.map(|_| ())
     }
@@ -342,10 +343,11 @@ impl Store for SqliteStore {
     }
 
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError> {
-        let due: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(MAX(due_at, COALESCE(locked_until, 0))) FROM webhooks")
-                .fetch_one(&self.readers)
-                .await?;
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT due_at FROM webhooks WHERE locked_until IS NULL ORDER BY due_at LIMIT 1",
+        )
+        .fetch_optional(&self.readers)
+        .await?;
         Ok(due)
     }
 
@@ -461,9 +463,9 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         Op::Inbound {
             carrier,
             sms,
-            webhook,
+            owner,
         } => {
-            store_inbound(tx, carrier, sms, webhook.as_ref(), now, wake).await?;
+            store_inbound(tx, carrier, sms, owner.as_ref(), now, wake).await?;
             Reply::Done
         }
         Op::Release { all } => Reply::Count(release(tx, *all, now, wake).await?),
@@ -618,7 +620,7 @@ async fn claim(
              updated_at = ?2
          WHERE id IN (SELECT id FROM messages
                       WHERE status IN ('queued', 'scheduled') AND due_at <= ?2
-                      ORDER BY due_at LIMIT ?3)
+                      ORDER BY priority DESC, due_at LIMIT ?3)
          RETURNING id, account, recipient, sender, body, encoding, segments, attempts, expires_at",
     )
     .bind(lease_until)
@@ -678,9 +680,9 @@ async fn record_attempt(
     for part in &result.accepted {
         sqlx::query(
             "INSERT INTO parts (message_id, part, carrier, carrier_message_id, state, updated_at)
-             VALUES (?1, ?2, ?3, ?4, 'accepted', ?5)
+             VALUES (?1, ?2, ?3, ?4, 'submitted', ?5)
              ON CONFLICT (message_id, part) DO UPDATE SET carrier = ?3,
-                 carrier_message_id = ?4, state = 'accepted', updated_at = ?5",
+                 carrier_message_id = ?4, state = 'submitted', updated_at = ?5",
         )
         .bind(&id)
         .bind(part.part as i64)
@@ -716,23 +718,26 @@ async fn record_attempt(
     .bind(now)
     .fetch_optional(&mut **tx)
     .await?;
-    let Some(row) = row else { return Ok(()) };
-    let target = target_from_row(&row)?;
-    add_event(
-        tx,
-        &id,
-        status,
-        detail,
-        error_code,
-        now,
-        target.as_ref(),
-        wake,
-    )
-    .await?;
-    if status == Status::Queued {
-        wake.queue = true;
+    if let Some(row) = row {
+        // A retry is the gateway's own business: it is in the history, not posted.
+        let target = target_from_row(&row)?.filter(|_| status != Status::Queued);
+        add_event(
+            tx,
+            &id,
+            status,
+            detail,
+            error_code,
+            now,
+            target.as_ref(),
+            wake,
+        )
+        .await?;
+        if status == Status::Queued {
+            wake.queue = true;
+        }
     }
-    // Receipts that overtook their submit_sm_resp are applied now that their part is known.
+    // Receipts that overtook their submit_sm_resp are applied now that their part is known,
+    // even when the message itself moved on (its lease ended) in the meantime.
     for part in &result.accepted {
         let key = normalize_id(&part.carrier_message_id);
         let early = sqlx::query(
@@ -772,15 +777,14 @@ async fn apply_receipt(
         }),
         ..receipt.clone()
     };
+    // Carriers reuse ids over time: the newest part with this id is the one meant.
     let part = sqlx::query(
-        "UPDATE parts SET state = ?3, updated_at = ?4
+        "SELECT rowid, message_id, part, state FROM parts
          WHERE carrier = ?1 AND carrier_message_id = ?2
-         RETURNING message_id, part",
+         ORDER BY updated_at DESC LIMIT 1",
     )
     .bind(carrier)
     .bind(&key)
-    .bind(receipt.state.as_str())
-    .bind(now)
     .fetch_optional(&mut **tx)
     .await?;
     let Some(part) = part else {
@@ -803,6 +807,17 @@ async fn apply_receipt(
     };
     let id: String = part.try_get("message_id")?;
     let part_no: i64 = part.try_get("part")?;
+    // A late intermediate receipt (ENROUTE after DELIVRD, from another bind) changes nothing.
+    let part_is_final =
+        parse_receipt_state(&part.try_get::<String, _>("state")?).is_ok_and(ReceiptState::is_final);
+    if receipt.state.is_final() || !part_is_final {
+        sqlx::query("UPDATE parts SET state = ?2, updated_at = ?3 WHERE rowid = ?1")
+            .bind(part.try_get::<i64, _>("rowid")?)
+            .bind(receipt.state.as_str())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+    }
     let row = sqlx::query(
         "SELECT status, segments, account, webhook_url, reference FROM messages WHERE id = ?1",
     )
@@ -901,7 +916,7 @@ async fn store_inbound(
     tx: &mut Tx<'_>,
     carrier: &str,
     sms: &InboundSms,
-    webhook: Option<&(String, String)>,
+    owner: Option<&InboundOwner>,
     now: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
@@ -914,7 +929,7 @@ async fn store_inbound(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .bind(&id)
-    .bind(webhook.map(|(account, _)| account.as_str()))
+    .bind(owner.map(|o| o.account.as_str()))
     .bind(carrier)
     .bind(&sender)
     .bind(&sms.to)
@@ -922,7 +937,7 @@ async fn store_inbound(
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    if let Some((account, url)) = webhook {
+    if let Some((account, Some(url))) = owner.map(|o| (&o.account, &o.webhook_url)) {
         let payload = serde_json::json!({
             "type": "message.inbound",
             "id": id,

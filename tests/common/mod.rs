@@ -89,7 +89,7 @@ pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> Strin
         [[accounts]]
         name = "a"
         api_keys = ["{hash_a}"]
-        senders = ["+46700000001"]
+        senders = ["iP1", "+46700000001"]
         {hook_lines}
         [[accounts]]
         name = "b"
@@ -137,7 +137,11 @@ impl Gateway {
 
     async fn wait_until_serving(&self) {
         for _ in 0..200 {
-            if let Ok(r) = self.client.get(format!("{}/healthz", self.url)).send().await
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return;
@@ -149,10 +153,19 @@ impl Gateway {
 
     /// Waits until at least one bind is up (`/readyz` answers 200).
     pub async fn wait_ready(&self) {
-        eventually(Duration::from_secs(10), "the gateway to be ready", || async {
-            let r = self.client.get(format!("{}/readyz", self.url)).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the gateway to be ready",
+            || async {
+                let r = self
+                    .client
+                    .get(format!("{}/readyz", self.url))
+                    .send()
+                    .await
+                    .ok()?;
+                r.status().is_success().then_some(())
+            },
+        )
         .await;
     }
 
@@ -180,7 +193,12 @@ impl Gateway {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
-    pub async fn post_raw(&self, key: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, HeaderMap, Value) {
+    pub async fn post_raw(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (u16, HeaderMap, Value) {
         let mut request = self
             .client
             .post(format!("{}/v1/messages", self.url))

@@ -27,9 +27,11 @@ CREATE TABLE messages (
 
 -- The dispatcher's claim: only waiting messages are indexed, so the index stays small however
 -- large the history grows.
-CREATE INDEX messages_due ON messages (due_at) WHERE status IN ('queued', 'scheduled');
+CREATE INDEX messages_due ON messages (priority DESC, due_at)
+    WHERE status IN ('queued', 'scheduled');
 CREATE INDEX messages_sending ON messages (locked_until) WHERE status = 'sending';
 CREATE INDEX messages_account ON messages (account, id);
+CREATE INDEX messages_account_recipient ON messages (account, recipient, id);
 
 CREATE TABLE events (
     id          INTEGER PRIMARY KEY,
@@ -46,7 +48,7 @@ CREATE TABLE parts (
     part               INTEGER NOT NULL,
     carrier            TEXT NOT NULL,
     carrier_message_id TEXT NOT NULL,    -- normalised (receipt::normalize_id)
-    state              TEXT NOT NULL,    -- 'accepted' or a receipt state
+    state              TEXT NOT NULL,    -- 'submitted' or a receipt state
     updated_at         INTEGER NOT NULL,
     PRIMARY KEY (message_id, part)
 ) STRICT;
@@ -62,6 +64,7 @@ CREATE TABLE early_receipts (
     received_at        INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX early_receipts_id ON early_receipts (carrier, carrier_message_id);
+CREATE INDEX early_receipts_age ON early_receipts (received_at);
 
 CREATE TABLE inbound (
     id          TEXT PRIMARY KEY NOT NULL,
@@ -86,6 +89,7 @@ CREATE TABLE webhooks (
     last_error    TEXT
 ) STRICT;
 CREATE INDEX webhooks_due ON webhooks (due_at);
+CREATE INDEX webhooks_waiting ON webhooks (due_at) WHERE locked_until IS NULL;
 
 CREATE TABLE idempotency (
     account       TEXT NOT NULL,
