@@ -24,6 +24,8 @@ const NO_CARRIER_DELAY_MS: i64 = 2_000;
 const THROTTLED_DELAY_MS: i64 = 1_000;
 /// Longest idle sleep: the store is asked again at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How often waiting messages are checked for the end of their validity.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// How often to look for a bind when none is up.
 const NO_CARRIER_POLL: Duration = Duration::from_millis(200);
 
@@ -41,10 +43,17 @@ impl Dispatcher {
         let mut in_flight = JoinSet::new();
         let signals = this.store.signals().clone();
         let mut next_release = Instant::now() + this.lease / 2;
+        let mut next_expiry = Instant::now();
         while !shutdown.is_cancelled() {
             if Instant::now() >= next_release {
                 this.release_expired_claims().await;
                 next_release = Instant::now() + this.lease / 2;
+            }
+            if Instant::now() >= next_expiry {
+                if let Err(e) = this.store.expire_overdue().await {
+                    warn!(error = %e, "expiring overdue messages failed");
+                }
+                next_expiry = Instant::now() + EXPIRY_SWEEP;
             }
             // With no bind up, claiming would only bounce messages back to the queue.
             let room = if this.router.any_bound() {

@@ -567,3 +567,128 @@ async fn shutdown_with_a_window_in_flight_loses_nothing() {
         "every message submitted at least once ({submitted})"
     );
 }
+
+#[tokio::test]
+async fn a_message_whose_validity_ends_while_no_carrier_is_up_expires() {
+    let (_dir, db) = temp_db();
+    let parked = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = parked.local_addr().unwrap();
+    drop(parked);
+    let hooks = Hooks::start().await;
+    let gateway = Gateway::start(parse_config(&config_text(&db, address, Some(&hooks.url)))).await;
+    let (_, answer) = gateway
+        .post(
+            KEY_A,
+            &json!({ "to": TO, "from": "iP1", "text": "soon stale", "valid_for": "2s" }),
+        )
+        .await;
+    let m = gateway
+        .wait_status(KEY_A, answer["id"].as_str().unwrap(), "expired")
+        .await;
+    assert!(m["detail"].as_str().unwrap().contains("validity"));
+    eventually(Duration::from_secs(10), "the expired webhook", || async {
+        hooks
+            .bodies()
+            .iter()
+            .any(|(_, b)| b["status"] == "expired")
+            .then_some(())
+    })
+    .await;
+}
+
+/// A hand-written SMSC that sends what the simulator never would: PDUs the gateway cannot
+/// decode. The link must survive them.
+#[tokio::test]
+async fn undecodable_pdus_from_the_carrier_are_refused_and_the_link_survives() {
+    use futures::{SinkExt, StreamExt};
+    use rusmpp::pdus::{BindTransceiverResp, SubmitSmResp};
+    use rusmpp::tokio_codec::CommandCodec;
+    use rusmpp::{Command, CommandStatus, Pdu};
+    use tokio::io::AsyncWriteExt;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(parse_config(&config_text(&db, address, None))).await;
+
+    let (socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut link = tokio_util::codec::Framed::new(socket, CommandCodec::new());
+    let bind = link.next().await.unwrap().unwrap();
+    assert!(matches!(bind.pdu(), Some(Pdu::BindTransceiver(_))));
+    link.send(Command::new(
+        CommandStatus::EsmeRok,
+        bind.sequence_number(),
+        BindTransceiverResp::builder().build(),
+    ))
+    .await
+    .unwrap();
+
+    // A deliver_sm whose body is garbage, then a command id no SMPP version has.
+    let mut raw = Vec::new();
+    for (id, seq, body) in [
+        (0x0000_0005u32, 71u32, vec![0xFFu8; 7]),
+        (0x0000_0777, 72, vec![]),
+    ] {
+        raw.extend_from_slice(&(16 + body.len() as u32).to_be_bytes());
+        raw.extend_from_slice(&id.to_be_bytes());
+        raw.extend_from_slice(&0u32.to_be_bytes());
+        raw.extend_from_slice(&seq.to_be_bytes());
+        raw.extend_from_slice(&body);
+    }
+    link.get_mut().write_all(&raw).await.unwrap();
+
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), link.next())
+            .await
+            .expect("the gateway answers")
+            .unwrap()
+            .unwrap();
+        if matches!(frame.pdu(), Some(Pdu::EnquireLink)) {
+            continue;
+        }
+        answers.push((
+            u32::from(frame.id()),
+            u32::from(frame.status()),
+            frame.sequence_number(),
+        ));
+    }
+    assert_eq!(
+        answers[0],
+        (0x8000_0005, 0x65, 71),
+        "deliver_sm_resp ESME_RX_P_APPN"
+    );
+    assert_eq!(
+        (answers[1].0, answers[1].2),
+        (0x8000_0000, 72),
+        "generic_nack"
+    );
+
+    // The same link still carries messages.
+    let (_, answer) = gateway.post(KEY_A, &message(TO, "still here")).await;
+    let submit = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), link.next())
+            .await
+            .expect("a submit_sm on the same link")
+            .unwrap()
+            .unwrap();
+        if matches!(frame.pdu(), Some(Pdu::SubmitSm(_))) {
+            break frame;
+        }
+    };
+    link.send(Command::new(
+        CommandStatus::EsmeRok,
+        submit.sequence_number(),
+        SubmitSmResp::builder()
+            .message_id("abc123".parse().unwrap())
+            .build(),
+    ))
+    .await
+    .unwrap();
+    gateway
+        .wait_status(KEY_A, answer["id"].as_str().unwrap(), "sent")
+        .await;
+}

@@ -347,12 +347,12 @@ fn parse_validity(text: &str, max: Duration) -> Result<Duration, ApiError> {
             "`valid_for` must be a duration such as \"30m\" or \"2h\"",
         )
     })?;
-    if validity < Duration::from_secs(60) || validity > max {
+    if validity < Duration::from_secs(1) || validity > max {
         return Err(ApiError::invalid(
             "invalid_validity",
             "valid_for",
             format!(
-                "`valid_for` must be between 1m and {}",
+                "`valid_for` must be between 1s and {}",
                 humantime::format_duration(max)
             ),
         ));

@@ -263,6 +263,9 @@ pub trait Store: Send + Sync + 'static {
     /// `all` also takes leases that have not ended: right for a single instance at start-up.
     async fn release_claims(&self, all: bool) -> Result<u64, StoreError>;
 
+    /// Expires waiting messages whose validity has ended, even while no carrier is bound.
+    async fn expire_overdue(&self) -> Result<u64, StoreError>;
+
     async fn claim_webhooks(
         &self,
         limit: usize,

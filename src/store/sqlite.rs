@@ -67,6 +67,7 @@ enum Op {
     Release {
         all: bool,
     },
+    ExpireOverdue,
     ClaimWebhooks {
         limit: usize,
         lease_until: i64,
@@ -325,6 +326,13 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn expire_overdue(&self) -> Result<u64, StoreError> {
+        match self.call(Op::ExpireOverdue).await? {
+            Reply::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn claim_webhooks(
         &self,
         limit: usize,
@@ -469,6 +477,7 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
             Reply::Done
         }
         Op::Release { all } => Reply::Count(release(tx, *all, now, wake).await?),
+        Op::ExpireOverdue => Reply::Count(expire_overdue(tx, now, wake).await?),
         Op::ClaimWebhooks { limit, lease_until } => {
             Reply::Webhooks(claim_webhooks(tx, *limit, *lease_until, now).await?)
         }
@@ -971,6 +980,35 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
     }
     if !rows.is_empty() {
         wake.queue = true;
+    }
+    Ok(rows.len() as u64)
+}
+
+async fn expire_overdue(tx: &mut Tx<'_>, now: i64, wake: &mut Wake) -> Result<u64, StoreError> {
+    let detail = "validity period ended before it could be sent";
+    let rows = sqlx::query(
+        "UPDATE messages SET status = 'expired', detail = ?2, updated_at = ?1
+         WHERE status IN ('queued', 'scheduled') AND expires_at <= ?1
+         RETURNING id, account, webhook_url, reference",
+    )
+    .bind(now)
+    .bind(detail)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let id: String = row.try_get("id")?;
+        let target = target_from_row(row)?;
+        add_event(
+            tx,
+            &id,
+            Status::Expired,
+            Some(detail),
+            None,
+            now,
+            target.as_ref(),
+            wake,
+        )
+        .await?;
     }
     Ok(rows.len() as u64)
 }

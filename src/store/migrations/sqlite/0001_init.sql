@@ -30,6 +30,7 @@ CREATE TABLE messages (
 CREATE INDEX messages_due ON messages (priority DESC, due_at)
     WHERE status IN ('queued', 'scheduled');
 CREATE INDEX messages_sending ON messages (locked_until) WHERE status = 'sending';
+CREATE INDEX messages_expiry ON messages (expires_at) WHERE status IN ('queued', 'scheduled');
 CREATE INDEX messages_account ON messages (account, id);
 CREATE INDEX messages_account_recipient ON messages (account, recipient, id);
 
