@@ -20,6 +20,7 @@ pub struct Config {
     pub messages: MessagesConfig,
     pub webhooks: WebhooksConfig,
     pub privacy: PrivacyConfig,
+    pub policy: PolicyConfig,
     pub logging: LoggingConfig,
     pub accounts: Vec<AccountConfig>,
     pub carriers: Vec<CarrierConfig>,
@@ -154,6 +155,31 @@ impl Default for PrivacyConfig {
     }
 }
 
+/// The operator's policy on number changes and carrier feedback (DESIGN.md, rule 3).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// How far in the past a reported number change may take effect (the policy gives
+    /// customers 48 hours to report).
+    #[serde(with = "humantime_serde")]
+    pub max_backdate: Duration,
+    /// Permanent "unknown subscriber" results that make a number suspect; 0 disables.
+    pub suspect_after: u32,
+    /// Which results count: submit_sm_resp statuses as `0x..`, receipt `err:` codes as written.
+    pub suspect_codes: Vec<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            max_backdate: Duration::from_secs(48 * 3600),
+            suspect_after: 3,
+            // ESME_RINVDSTADR, and GSM MAP error 1 (unknown subscriber) in receipts.
+            suspect_codes: vec!["0x0b".into(), "001".into()],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -194,6 +220,19 @@ pub struct AccountConfig {
     /// Senders this account may use; inbound replies to these are posted to this account.
     #[serde(default)]
     pub senders: Vec<String>,
+    /// May send `transactional` (service) messages to opted-out numbers (policy rule 2).
+    #[serde(default)]
+    pub service_messages: bool,
+    /// Messages to a number reported `changed` go to the new number instead of being refused.
+    #[serde(default)]
+    pub follow_number_changes: bool,
+    /// Consent time assumed when a message gives no `consent_at` (RFC 3339). Without it, any
+    /// number change refuses a message that gives no consent time.
+    #[serde(default)]
+    pub default_consent_at: Option<String>,
+    /// Reply keywords (STOP, START, HELP ...) and the texts answered to them.
+    #[serde(default)]
+    pub keywords: crate::policy::opt_out::Keywords,
 }
 
 /// One carrier SMSC. Either `address` (a real SMSC) or `simulator` (an SMSC simulated inside
@@ -461,6 +500,21 @@ impl Config {
                     ));
                 }
             }
+            if let Some(t) = &account.default_consent_at
+                && time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .is_err()
+            {
+                problems.push(format!(
+                    "{key}.default_consent_at: must be an RFC 3339 time such as 2026-01-01T00:00:00Z"
+                ));
+            }
+            problems.extend(
+                account
+                    .keywords
+                    .validate()
+                    .into_iter()
+                    .map(|p| format!("{key}.keywords.{p}")),
+            );
             if let Some(url) = &account.webhook_url {
                 if reqwest::Url::parse(url)
                     .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))

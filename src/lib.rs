@@ -5,11 +5,13 @@
 //! (`smpp`) → `receipt` → `webhook`. This file wires them and owns the order of start and
 //! shutdown.
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod encoding;
 pub mod message;
+pub mod policy;
 pub mod receipt;
 pub mod router;
 pub mod sim;
@@ -33,7 +35,7 @@ use crate::dispatch::Dispatcher;
 use crate::router::Router;
 use crate::smpp::Carrier;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, StoreError};
+use crate::store::{AccountPolicy, Store, StoreError, StoreRules};
 use crate::webhook::WebhookSender;
 
 /// Sockets the daemon serves on, bound by the caller (tests bind port 0).
@@ -63,8 +65,13 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let rules = StoreRules {
+        pseudonyms: message::Pseudonymizer::new(config.privacy.pseudonym_key.expose().as_bytes()),
+        suspect_after: config.policy.suspect_after,
+        suspect_codes: config.policy.suspect_codes.clone(),
+    };
     let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.store.path, config.store.max_batch).await?);
+        Arc::new(SqliteStore::open(&config.store.path, config.store.max_batch, rules).await?);
     // One instance owns an SQLite file: whatever was being sent when it last stopped is ours.
     let released = store.release_claims(true).await?;
     if released > 0 {
@@ -133,6 +140,7 @@ pub async fn run(
         carriers: router,
         http: Arc::new(config.http.clone()),
         messages: Arc::new(config.messages.clone()),
+        policy: Arc::new(config.policy.clone()),
     };
     let address = listeners.http.local_addr().map_err(RunError::Http)?;
     info!(%address, "HTTP API listening");
@@ -155,14 +163,17 @@ pub async fn run(
 fn inbound_routes(config: &Config) -> HashMap<String, store::InboundOwner> {
     let mut routes = HashMap::new();
     for account in &config.accounts {
+        let owner = store::InboundOwner {
+            account: account.name.clone(),
+            webhook_url: account.webhook_url.clone(),
+            keywords: Arc::new(account.keywords.clone()),
+            policy: AccountPolicy {
+                service_messages: account.service_messages,
+                follow_number_changes: account.follow_number_changes,
+            },
+        };
         for sender in &account.senders {
-            routes.insert(
-                sender.trim_start_matches('+').to_owned(),
-                store::InboundOwner {
-                    account: account.name.clone(),
-                    webhook_url: account.webhook_url.clone(),
-                },
-            );
+            routes.insert(sender.trim_start_matches('+').to_owned(), owner.clone());
         }
     }
     routes

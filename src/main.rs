@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -46,6 +47,78 @@ enum Command {
     },
     /// Make a new API key and the hash to put in an account's `api_keys`.
     ApiKey,
+    /// Manage an account's opt-out list.
+    OptOut {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: OptOutAction,
+    },
+    /// Report and inspect number changes (deactivated or reassigned numbers).
+    NumberChange {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: NumberChangeAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum OptOutAction {
+    /// Opt a number out (of one sender with --sender, else of all the account's senders).
+    Add {
+        #[arg(long)]
+        account: String,
+        number: String,
+        #[arg(long)]
+        sender: Option<String>,
+    },
+    /// Remove an opt-out (one sender with --sender, else every entry of the number).
+    Remove {
+        #[arg(long)]
+        account: String,
+        number: String,
+        #[arg(long)]
+        sender: Option<String>,
+    },
+    /// List the account's opt-outs.
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Import `number[,sender]` CSV lines or `{"number": ..}` JSON lines.
+    Import {
+        #[arg(long)]
+        account: String,
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NumberChangeAction {
+    /// Report that a number was deactivated, or changed to another one.
+    Add {
+        number: String,
+        /// `deactivated` or `changed`.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        new_number: Option<String>,
+        /// RFC 3339; now when absent; at most `policy.max_backdate` ago.
+        #[arg(long)]
+        effective_at: Option<String>,
+        /// Only for this account; every account when absent.
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Import disconnected numbers: `number,date` lines (a Reassigned Numbers Database answer).
+    Import { file: PathBuf },
+    /// Show the changes and carrier feedback recorded for a number.
+    Show {
+        number: String,
+        #[arg(long)]
+        account: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +127,47 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::CheckConfig { path } => check_config(&path),
         Command::Sim { listen, config } => sim(listen, config.as_deref()),
+        Command::OptOut { config, action } => admin(&config, |admin| async move {
+            match action {
+                OptOutAction::Add {
+                    account,
+                    number,
+                    sender,
+                } => admin.opt_out_add(&account, &number, sender).await,
+                OptOutAction::Remove {
+                    account,
+                    number,
+                    sender,
+                } => admin.opt_out_remove(&account, &number, sender).await,
+                OptOutAction::List { account } => admin.opt_out_list(&account).await,
+                OptOutAction::Import { account, file } => {
+                    admin.opt_out_import(&account, &file).await
+                }
+            }
+        }),
+        Command::NumberChange { config, action } => admin(&config, |admin| async move {
+            match action {
+                NumberChangeAction::Add {
+                    number,
+                    kind,
+                    new_number,
+                    effective_at,
+                    account,
+                } => {
+                    let request = smsgw::api::policy::NumberChangeRequest {
+                        number,
+                        kind,
+                        new_number,
+                        effective_at,
+                    };
+                    admin.number_change_add(request, account).await
+                }
+                NumberChangeAction::Import { file } => admin.number_change_import(&file).await,
+                NumberChangeAction::Show { number, account } => {
+                    admin.number_change_show(&number, &account).await
+                }
+            }
+        }),
         Command::ApiKey => {
             let key = smsgw::api::auth::new_key();
             println!("key:  {key}");
@@ -82,6 +196,23 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         smsgw::run(config, smsgw::Listeners { http }, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Runs one admin command against the store of a configuration and prints its answer.
+fn admin<F, Fut>(path: &Path, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<smsgw::admin::Admin>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, smsgw::admin::AdminError>>,
+{
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let admin = Arc::new(smsgw::admin::Admin::open(config).await?);
+        let result = command(admin.clone()).await;
+        admin.close().await;
+        print!("{}", result?);
         Ok(())
     })
 }

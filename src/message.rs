@@ -226,13 +226,16 @@ pub enum Status {
     Canceled,
     /// Submitted, but the carrier never answered, and the policy is not to resubmit.
     Unknown,
+    /// Held because carriers keep reporting the number unknown: waits for the account or the
+    /// operator to clear the number (then queued) or confirm it gone (then refused).
+    HeldSuspect,
     RefusedOptedOut,
     RefusedNumberChanged,
     RefusedInvalid,
 }
 
 impl Status {
-    pub const ALL: [Status; 13] = [
+    pub const ALL: [Status; 14] = [
         Status::Queued,
         Status::Scheduled,
         Status::Sending,
@@ -243,6 +246,7 @@ impl Status {
         Status::Failed,
         Status::Canceled,
         Status::Unknown,
+        Status::HeldSuspect,
         Status::RefusedOptedOut,
         Status::RefusedNumberChanged,
         Status::RefusedInvalid,
@@ -260,6 +264,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Canceled => "canceled",
             Status::Unknown => "unknown",
+            Status::HeldSuspect => "held_suspect",
             Status::RefusedOptedOut => "refused_opted_out",
             Status::RefusedNumberChanged => "refused_number_changed",
             Status::RefusedInvalid => "refused_invalid",
@@ -270,7 +275,11 @@ impl Status {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            Status::Queued | Status::Scheduled | Status::Sending | Status::Sent
+            Status::Queued
+                | Status::Scheduled
+                | Status::Sending
+                | Status::Sent
+                | Status::HeldSuspect
         )
     }
 }
@@ -307,9 +316,15 @@ impl Pseudonymizer {
 
     /// 16 hex digits: enough to follow one number through the logs, useless to reverse.
     pub fn pseudonym(&self, number: &str) -> String {
+        self.key(number)[..16].to_owned()
+    }
+
+    /// The whole HMAC in hex: a key under which a number can be found again (opt-outs) without
+    /// keeping the number.
+    pub fn key(&self, number: &str) -> String {
         let mut mac = self.mac.clone();
         mac.update(number.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..8])
+        hex::encode(mac.finalize().into_bytes())
     }
 }
 

@@ -18,6 +18,10 @@ pub struct Account {
     pub can_sign_webhooks: bool,
     /// Senders this account may use; empty allows any.
     pub senders: Vec<String>,
+    pub service_messages: bool,
+    pub follow_number_changes: bool,
+    /// Consent time (ms) assumed for messages that give none.
+    pub default_consent_at: Option<i64>,
     key_hashes: Vec<[u8; 32]>,
 }
 
@@ -39,6 +43,9 @@ impl Accounts {
                     name: a.name.clone(),
                     webhook_url: a.webhook_url.clone(),
                     can_sign_webhooks: a.webhook_secret.is_some(),
+                    service_messages: a.service_messages,
+                    follow_number_changes: a.follow_number_changes,
+                    default_consent_at: a.default_consent_at.as_deref().and_then(parse_rfc3339_ms),
                     senders: a
                         .senders
                         .iter()
@@ -52,6 +59,19 @@ impl Accounts {
                 })
                 .collect(),
         )
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Account> {
+        self.0.iter().find(|a| a.name == name)
+    }
+
+    /// Accounts whose messages follow a changed number to its new one.
+    pub fn following_changes(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|a| a.follow_number_changes)
+            .map(|a| a.name.clone())
+            .collect()
     }
 
     /// The account of the `Authorization: Bearer` key, if any. Every configured hash is
@@ -79,6 +99,13 @@ impl Accounts {
         }
         found
     }
+}
+
+/// Validated at start-up (config), so a bad value here is simply absent.
+fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339);
+    t.ok()
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 /// Parses `sha256:<64 hex digits>`.
@@ -113,6 +140,10 @@ mod tests {
                 webhook_url: None,
                 webhook_secret: None,
                 senders: vec![],
+                service_messages: false,
+                follow_number_changes: false,
+                default_consent_at: None,
+                keywords: Default::default(),
             },
             AccountConfig {
                 name: "b".into(),
@@ -120,6 +151,10 @@ mod tests {
                 webhook_url: None,
                 webhook_secret: None,
                 senders: vec![],
+                service_messages: false,
+                follow_number_changes: false,
+                default_consent_at: None,
+                keywords: Default::default(),
             },
         ])
     }

@@ -1,5 +1,6 @@
 //! `/v1/messages`: submit (single and batch), read, list, cancel.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -17,7 +18,8 @@ use super::{AppState, authenticate};
 use crate::encoding;
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
 use crate::store::{
-    CancelResult, IdempotentAnswer, ListFilter, MessageView, NewMessage, SubmitResult,
+    AccountPolicy, CancelResult, IdempotencyRequest, IdempotentAnswer, ListFilter, MessageView,
+    NewMessage, RenderAnswer, SubmitResult,
 };
 
 /// One message as an application submits it. Unknown fields are refused, so a typo such as
@@ -67,7 +69,7 @@ pub async fn submit(
     body: Body,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let bytes = read_body(&state, body).await?;
+    let bytes = super::read_body(&state, body).await?;
     let idempotency_key = idempotency_key(&headers)?;
     let request_hash = hex::encode(Sha256::digest(&bytes));
     if let Some(key) = &idempotency_key
@@ -75,38 +77,98 @@ pub async fn submit(
     {
         return replay(first, &request_hash);
     }
-    let (status, answer, messages) = build(&state, account, &bytes)?;
-    let answer_text = answer.to_string();
-    let idempotency = idempotency_key.map(|key| IdempotentAnswer {
+    let parsed = build(&state, account, &bytes)?;
+    let idempotency = idempotency_key.map(|key| IdempotencyRequest {
         key,
         request_hash: request_hash.clone(),
-        status_code: status.as_u16(),
-        answer: answer_text.clone(),
     });
+    let policy = AccountPolicy {
+        service_messages: account.service_messages,
+        follow_number_changes: account.follow_number_changes,
+    };
+    let render = parsed.renderer();
     match state
         .store
-        .submit(&account.name, messages, idempotency)
+        .submit(policy, parsed.messages, idempotency, render)
         .await?
     {
-        SubmitResult::Stored => Ok(json_response(status, answer_text)),
+        SubmitResult::Stored {
+            status_code,
+            answer,
+        } => {
+            let status = StatusCode::from_u16(status_code).unwrap_or(StatusCode::ACCEPTED);
+            Ok(json_response(status, answer))
+        }
         SubmitResult::Replay(first) => replay(first, &request_hash),
     }
 }
 
-/// Reads the body within the size limit and the request timeout. The timeout covers only the
-/// upload: once the body is in, the request is answered, so a slow client cannot leave a stored
-/// message behind a timeout error (and be tempted to submit it again).
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.http.max_body_bytes;
-    let read = axum::body::to_bytes(body, limit);
-    match tokio::time::timeout(state.http.request_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "the request body did not arrive in time",
-        )),
+/// A validated request: the messages to store, and where the items that failed validation
+/// stand in a batch.
+struct Parsed {
+    batch: bool,
+    messages: Vec<NewMessage>,
+    /// One entry per item: the validation error, or None for the next stored message.
+    items: Vec<Option<ApiError>>,
+}
+
+impl Parsed {
+    /// Renders the answer once policy has decided each message (inside the store's commit).
+    fn renderer(&self) -> RenderAnswer {
+        let batch = self.batch;
+        let items = self.items.clone();
+        Arc::new(move |stored: &[NewMessage]| {
+            if !batch {
+                return match stored.first() {
+                    Some(m) => single_answer(m),
+                    None => (StatusCode::INTERNAL_SERVER_ERROR.as_u16(), "{}".into()),
+                };
+            }
+            let mut stored = stored.iter();
+            let answers: Vec<Value> = items
+                .iter()
+                .map(|item| match item {
+                    Some(error) => json!({ "error": error }),
+                    None => stored.next().map(item_answer).unwrap_or(Value::Null),
+                })
+                .collect();
+            let status = if items.iter().all(Option::is_some) {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status.as_u16(), json!({ "messages": answers }).to_string())
+        })
+    }
+}
+
+/// A message the policy refused carries its refusal as an error with its code.
+fn item_answer(m: &NewMessage) -> Value {
+    let mut value = serde_json::to_value(accepted(m)).unwrap_or_default();
+    if let Some(code) = refusal_code(m.status) {
+        value["error"] = json!({
+            "code": code,
+            "message": m.detail.clone().unwrap_or_default(),
+            "field": "to",
+        });
+    }
+    value
+}
+
+fn single_answer(m: &NewMessage) -> (u16, String) {
+    let status = match refusal_code(m.status) {
+        Some(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        None => StatusCode::ACCEPTED,
+    };
+    (status.as_u16(), item_answer(m).to_string())
+}
+
+fn refusal_code(status: Status) -> Option<&'static str> {
+    match status {
+        Status::RefusedOptedOut | Status::RefusedNumberChanged | Status::RefusedInvalid => {
+            Some(status.as_str())
+        }
+        _ => None,
     }
 }
 
@@ -152,11 +214,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 
 /// Validates the body (one message, or `{"messages": [...]}`) into what to store and what to
 /// answer. A batch answers per item; its valid items are stored even when others are not.
-fn build(
-    state: &AppState,
-    account: &Account,
-    bytes: &Bytes,
-) -> Result<(StatusCode, Value, Vec<NewMessage>), ApiError> {
+fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))?;
     let now = now_ms();
     let batch = match &value {
@@ -183,8 +241,11 @@ fn build(
             let request: SubmitRequest =
                 serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
             let message = validate(state, account, request, now)?;
-            let answer = serde_json::to_value(accepted(&message)).unwrap_or_default();
-            return Ok((StatusCode::ACCEPTED, answer, vec![message]));
+            return Ok(Parsed {
+                batch: false,
+                messages: vec![message],
+                items: vec![None],
+            });
         }
     };
     let max = state.http.max_batch;
@@ -195,26 +256,24 @@ fn build(
             format!("a batch holds 1 to {max} messages"),
         ));
     }
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut messages = Vec::with_capacity(batch.len());
+    let mut parsed = Parsed {
+        batch: true,
+        messages: Vec::with_capacity(batch.len()),
+        items: Vec::with_capacity(batch.len()),
+    };
     for item in batch {
         let result = serde_json::from_value::<SubmitRequest>(item.clone())
             .map_err(|e| ApiError::from_json(&e))
             .and_then(|request| validate(state, account, request, now));
         match result {
             Ok(message) => {
-                answers.push(serde_json::to_value(accepted(&message)).unwrap_or_default());
-                messages.push(message);
+                parsed.messages.push(message);
+                parsed.items.push(None);
             }
-            Err(error) => answers.push(json!({ "error": error })),
+            Err(error) => parsed.items.push(Some(error)),
         }
     }
-    let status = if messages.is_empty() {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok((status, json!({ "messages": answers }), messages))
+    Ok(parsed)
 }
 
 fn accepted(message: &NewMessage) -> Accepted {
@@ -268,7 +327,8 @@ fn validate(
         .consent_at
         .as_deref()
         .map(|t| parse_time(t, "consent_at"))
-        .transpose()?;
+        .transpose()?
+        .or(account.default_consent_at);
     let send_at = request
         .send_at
         .as_deref()
@@ -327,7 +387,7 @@ fn validate(
     })
 }
 
-fn parse_time(text: &str, field: &str) -> Result<i64, ApiError> {
+pub(super) fn parse_time(text: &str, field: &str) -> Result<i64, ApiError> {
     let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map_err(|_| {
             ApiError::invalid(

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod error;
 mod messages;
+pub mod policy;
 
 use std::sync::Arc;
 
@@ -10,10 +11,13 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use serde_json::json;
 
-use crate::config::{HttpConfig, MessagesConfig};
+use axum::body::{Body, Bytes};
+use serde::de::DeserializeOwned;
+
+use crate::config::{HttpConfig, MessagesConfig, PolicyConfig};
 use crate::router::Router as CarrierRouter;
 use crate::store::Store;
 use auth::{Account, Accounts};
@@ -26,6 +30,7 @@ pub struct AppState {
     pub carriers: Arc<CarrierRouter>,
     pub http: Arc<HttpConfig>,
     pub messages: Arc<MessagesConfig>,
+    pub policy: Arc<PolicyConfig>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -35,6 +40,20 @@ pub fn router(state: AppState) -> Router {
             "/v1/messages/{id}",
             get(messages::get).delete(messages::cancel),
         )
+        .route(
+            "/v1/opt-outs",
+            get(policy::list_opt_outs).post(policy::add_opt_out),
+        )
+        .route("/v1/opt-outs/import", post(policy::import_opt_outs))
+        .route("/v1/opt-outs/export", get(policy::export_opt_outs))
+        .route("/v1/opt-outs/{number}", delete(policy::remove_opt_out))
+        .route("/v1/number-changes", post(policy::add_number_change))
+        .route("/v1/number-changes/{number}", get(policy::number_history))
+        .route(
+            "/v1/number-changes/{number}/suspect",
+            delete(policy::clear_suspect),
+        )
+        .route("/v1/subjects/{number}", delete(policy::erase_subject))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -47,6 +66,32 @@ fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Acco
         .accounts
         .authenticate(headers)
         .ok_or_else(ApiError::unauthorized)
+}
+
+/// Reads the body within the size limit and the request timeout. The timeout covers only the
+/// upload: once the body is in, the request is answered, so a slow client cannot leave a stored
+/// message behind a timeout error (and be tempted to submit it again).
+pub(super) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.http.max_body_bytes;
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(state.http.request_timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        )),
+    }
+}
+
+/// Reads a JSON body into `T`, with the API's error codes.
+pub(super) async fn json_body<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes: Bytes = read_body(state, body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(&e))
 }
 
 /// The process is alive.

@@ -64,11 +64,79 @@ pub struct IdempotentAnswer {
     pub answer: String,
 }
 
+/// What the policy needs to know of the submitting account.
+#[derive(Debug, Clone, Default)]
+pub struct AccountPolicy {
+    /// Service (transactional) messages may go to opted-out numbers.
+    pub service_messages: bool,
+    /// Messages to a `changed` number go to its new number.
+    pub follow_number_changes: bool,
+}
+
+/// Renders the API's answer from the messages as stored (after policy), so that the answer to
+/// an idempotent request is stored in the same transaction as the messages.
+pub type RenderAnswer = Arc<dyn Fn(&[NewMessage]) -> (u16, String) + Send + Sync>;
+
+/// The `Idempotency-Key` of a request and the hash of its body.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRequest {
+    pub key: String,
+    pub request_hash: String,
+}
+
 #[derive(Debug)]
 pub enum SubmitResult {
-    Stored,
+    /// Stored as the API will show them (policy may have refused, held or redirected some).
+    Stored { status_code: u16, answer: String },
     /// The key was used before: nothing was stored, here is the first answer.
     Replay(IdempotentAnswer),
+}
+
+/// One opt-out entry of an account; `sender` None covers every sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptOut {
+    /// E.164; None once the subject was erased (the suppression stays, pseudonymised).
+    pub number: Option<String>,
+    pub number_key: String,
+    pub sender: Option<String>,
+    pub source: String,
+    pub created_at: i64,
+}
+
+/// Who asked for an opt-out change, for the journal.
+#[derive(Debug, Clone)]
+pub struct OptOutSource {
+    /// inbound, api, cli, import.
+    pub source: &'static str,
+    pub actor: Option<String>,
+}
+
+/// A reported number change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberChange {
+    /// None: applies to every account (operator and imports).
+    pub account: Option<String>,
+    pub number: String,
+    pub kind: crate::policy::number_change::ChangeKind,
+    pub effective_at: i64,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NumberHistory {
+    pub changes: Vec<(NumberChange, i64)>,
+    pub failures: u32,
+    pub suspect: bool,
+}
+
+/// What an erasure removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Erasure {
+    pub messages: u64,
+    pub inbound: u64,
+    pub number_changes: u64,
+    /// Opt-outs kept as pseudonymised suppression entries.
+    pub suppressions_kept: u64,
 }
 
 /// A message claimed for sending, leased to this process.
@@ -171,11 +239,36 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-/// The account an inbound SMS belongs to (by the number it was sent to), and its webhook.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The account an inbound SMS belongs to (by the number it was sent to), its webhook, and
+/// the keywords it answers.
+#[derive(Debug, Clone)]
 pub struct InboundOwner {
     pub account: String,
     pub webhook_url: Option<String>,
+    pub keywords: Arc<crate::policy::opt_out::Keywords>,
+    pub policy: AccountPolicy,
+}
+
+/// The store's share of the policy: how numbers are pseudonymised for the opt-out list, and
+/// which carrier results make a number suspect.
+#[derive(Debug, Clone)]
+pub struct StoreRules {
+    pub pseudonyms: crate::message::Pseudonymizer,
+    pub suspect_after: u32,
+    pub suspect_codes: Vec<String>,
+}
+
+impl StoreRules {
+    /// The opt-out key of a number: the full HMAC, so that it stays unique.
+    pub fn number_key(&self, number: &str) -> String {
+        self.pseudonyms.key(number)
+    }
+
+    pub fn is_suspect_code(&self, code: &str) -> bool {
+        self.suspect_codes
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(code))
+    }
 }
 
 /// A webhook to post, leased to this process.
@@ -209,12 +302,63 @@ pub struct Signals {
 pub trait Store: Send + Sync + 'static {
     /// Stores a batch of messages (and the first answer, for an idempotent request) in one
     /// transaction. Concurrent callers are group-committed.
+    /// Checks each message against the opt-outs, number changes and suspect numbers, stores
+    /// it as decided, and stores the rendered answer under the idempotency key if any.
     async fn submit(
         &self,
-        account: &str,
+        policy: AccountPolicy,
         messages: Vec<NewMessage>,
-        idempotency: Option<IdempotentAnswer>,
+        idempotency: Option<IdempotencyRequest>,
+        render: RenderAnswer,
     ) -> Result<SubmitResult, StoreError>;
+
+    /// Adds opt-outs (journalled) and refuses the account's waiting messages they cover.
+    /// Returns how many entries were new.
+    async fn add_opt_outs(
+        &self,
+        account: &str,
+        entries: Vec<(String, Option<String>)>,
+        by: OptOutSource,
+        policy: AccountPolicy,
+    ) -> Result<u64, StoreError>;
+
+    /// Removes an opt-out (journalled); `sender` None removes every entry for the number.
+    async fn remove_opt_out(
+        &self,
+        account: &str,
+        number: &str,
+        sender: Option<String>,
+        by: OptOutSource,
+    ) -> Result<u64, StoreError>;
+
+    /// The account's opt-outs, after the given number key (paging), oldest key first.
+    async fn list_opt_outs(
+        &self,
+        account: &str,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<OptOut>, StoreError>;
+
+    /// Records number changes and refuses (or, for accounts in `follow`, redirects) the
+    /// waiting messages whose consent is older. Returns the messages affected.
+    async fn add_number_changes(
+        &self,
+        changes: Vec<NumberChange>,
+        follow: Vec<String>,
+    ) -> Result<u64, StoreError>;
+
+    /// The changes visible to `account` for a number, and its carrier-feedback state.
+    async fn number_history(
+        &self,
+        account: &str,
+        number: &str,
+    ) -> Result<NumberHistory, StoreError>;
+
+    /// Clears a suspect number: its held messages are queued again.
+    async fn clear_suspect(&self, number: &str) -> Result<bool, StoreError>;
+
+    /// Erases what the account holds about a number, keeping opt-outs pseudonymised.
+    async fn erase_subject(&self, account: &str, number: &str) -> Result<Erasure, StoreError>;
 
     async fn idempotent_answer(
         &self,

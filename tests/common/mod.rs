@@ -19,6 +19,8 @@ use smsgw::sim::{SimConfig, SimHandle};
 
 pub const KEY_A: &str = "key-of-account-a";
 pub const KEY_B: &str = "key-of-account-b";
+/// Account c may send service messages to opted-out numbers and follows number changes.
+pub const KEY_C: &str = "key-of-account-c";
 pub const HOOK_SECRET: &str = "webhook-secret-of-a";
 
 /// A simulated carrier that stops when dropped.
@@ -86,6 +88,8 @@ pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> Strin
         retry_schedule = ["100ms"]
         [privacy]
         pseudonym_key = "test-pseudonym-key-0123456789"
+        [policy]
+        suspect_after = 2
         [[accounts]]
         name = "a"
         api_keys = ["{hash_a}"]
@@ -94,6 +98,12 @@ pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> Strin
         [[accounts]]
         name = "b"
         api_keys = ["{hash_b}"]
+        [[accounts]]
+        name = "c"
+        api_keys = ["{hash_c}"]
+        senders = ["Shop", "+46700000003"]
+        service_messages = true
+        follow_number_changes = true
         [[carriers]]
         name = "sim"
         address = "{carrier}"
@@ -106,6 +116,7 @@ pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> Strin
         db = db.display(),
         hash_a = smsgw::api::auth::hash_key(KEY_A),
         hash_b = smsgw::api::auth::hash_key(KEY_B),
+        hash_c = smsgw::api::auth::hash_key(KEY_C),
     )
 }
 
@@ -223,6 +234,42 @@ impl Gateway {
             .await
             .unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_json(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_text(&self, key: &str, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .header("content-type", "text/csv")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, key: &str, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
     }
 
     pub async fn delete(&self, key: &str, path: &str) -> (u16, Value) {

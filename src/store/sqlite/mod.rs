@@ -20,6 +20,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod policy;
+
 use super::*;
 use crate::message::{now_ms, rfc3339};
 use crate::receipt::{ReceiptState, normalize_id};
@@ -42,9 +44,33 @@ struct Job {
 
 enum Op {
     Submit {
-        account: String,
+        policy: AccountPolicy,
         messages: Vec<NewMessage>,
-        idempotency: Option<IdempotentAnswer>,
+        idempotency: Option<IdempotencyRequest>,
+        render: RenderAnswer,
+    },
+    AddOptOuts {
+        account: String,
+        entries: Vec<(String, Option<String>)>,
+        by: OptOutSource,
+        policy: AccountPolicy,
+    },
+    RemoveOptOut {
+        account: String,
+        number: String,
+        sender: Option<String>,
+        by: OptOutSource,
+    },
+    AddNumberChanges {
+        changes: Vec<NumberChange>,
+        follow: Vec<String>,
+    },
+    ClearSuspect {
+        number: String,
+    },
+    EraseSubject {
+        account: String,
+        number: String,
     },
     Cancel {
         account: String,
@@ -85,21 +111,37 @@ enum Reply {
     Receipt(ReceiptMatch),
     Count(u64),
     Webhooks(Vec<WebhookJob>),
+    Erased(Erasure),
     Done,
 }
 
-/// What a committed batch should wake.
-#[derive(Default)]
+/// What the operations of a batch share: the rules they apply, and what the batch should wake
+/// once committed.
 struct Wake {
+    rules: Arc<StoreRules>,
     queue: bool,
     webhooks: bool,
+}
+
+impl Wake {
+    fn new(rules: &Arc<StoreRules>) -> Wake {
+        Wake {
+            rules: rules.clone(),
+            queue: false,
+            webhooks: false,
+        }
+    }
 }
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the embedded migrations.
-    pub async fn open(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
+    pub async fn open(
+        path: &Path,
+        max_batch: usize,
+        rules: StoreRules,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         }
@@ -134,6 +176,7 @@ impl SqliteStore {
             rx,
             max_batch,
             signals.clone(),
+            Arc::new(rules),
             stop.clone(),
         ));
         Ok(SqliteStore {
@@ -153,6 +196,13 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+
+    async fn count(&self, op: Op) -> Result<u64, StoreError> {
+        match self.call(op).await? {
+            Reply::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 fn unexpected(reply: Reply) -> StoreError {
@@ -163,6 +213,7 @@ fn unexpected(reply: Reply) -> StoreError {
         Reply::Receipt(_) => "receipt",
         Reply::Count(_) => "count",
         Reply::Webhooks(_) => "webhooks",
+        Reply::Erased(_) => "erased",
         Reply::Done => "done",
     };
     StoreError::Corrupt(format!("writer answered with an unexpected {kind} reply"))
@@ -172,17 +223,94 @@ fn unexpected(reply: Reply) -> StoreError {
 impl Store for SqliteStore {
     async fn submit(
         &self,
-        account: &str,
+        policy: AccountPolicy,
         messages: Vec<NewMessage>,
-        idempotency: Option<IdempotentAnswer>,
+        idempotency: Option<IdempotencyRequest>,
+        render: RenderAnswer,
     ) -> Result<SubmitResult, StoreError> {
         let op = Op::Submit {
-            account: account.to_owned(),
+            policy,
             messages,
             idempotency,
+            render,
         };
         match self.call(op).await? {
             Reply::Submit(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn add_opt_outs(
+        &self,
+        account: &str,
+        entries: Vec<(String, Option<String>)>,
+        by: OptOutSource,
+        policy: AccountPolicy,
+    ) -> Result<u64, StoreError> {
+        let op = Op::AddOptOuts {
+            account: account.to_owned(),
+            entries,
+            by,
+            policy,
+        };
+        self.count(op).await
+    }
+
+    async fn remove_opt_out(
+        &self,
+        account: &str,
+        number: &str,
+        sender: Option<String>,
+        by: OptOutSource,
+    ) -> Result<u64, StoreError> {
+        let op = Op::RemoveOptOut {
+            account: account.to_owned(),
+            number: number.to_owned(),
+            sender,
+            by,
+        };
+        self.count(op).await
+    }
+
+    async fn list_opt_outs(
+        &self,
+        account: &str,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<OptOut>, StoreError> {
+        policy::list_opt_outs(&self.readers, account, after, limit).await
+    }
+
+    async fn add_number_changes(
+        &self,
+        changes: Vec<NumberChange>,
+        follow: Vec<String>,
+    ) -> Result<u64, StoreError> {
+        self.count(Op::AddNumberChanges { changes, follow }).await
+    }
+
+    async fn number_history(
+        &self,
+        account: &str,
+        number: &str,
+    ) -> Result<NumberHistory, StoreError> {
+        policy::number_history(&self.readers, account, number).await
+    }
+
+    async fn clear_suspect(&self, number: &str) -> Result<bool, StoreError> {
+        let op = Op::ClearSuspect {
+            number: number.to_owned(),
+        };
+        self.count(op).await.map(|n| n > 0)
+    }
+
+    async fn erase_subject(&self, account: &str, number: &str) -> Result<Erasure, StoreError> {
+        let op = Op::EraseSubject {
+            account: account.to_owned(),
+            number: number.to_owned(),
+        };
+        match self.call(op).await? {
+            Reply::Erased(erasure) => Ok(erasure),
             other => Err(unexpected(other)),
         }
     }
@@ -385,6 +513,7 @@ async fn run_writer(
     mut jobs: mpsc::Receiver<Job>,
     max_batch: usize,
     signals: Arc<Signals>,
+    rules: Arc<StoreRules>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
@@ -405,7 +534,7 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut wake = Wake::default();
+        let mut wake = Wake::new(&rules);
         match apply_batch(&mut conn, &batch, &mut wake).await {
             Ok(replies) => {
                 for (job, reply) in batch.drain(..).zip(replies) {
@@ -414,7 +543,7 @@ async fn run_writer(
             }
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
-                wake = Wake::default();
+                wake = Wake::new(&rules);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
@@ -451,10 +580,45 @@ async fn apply_batch(
 async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Reply, StoreError> {
     Ok(match op {
         Op::Submit {
-            account,
+            policy,
             messages,
             idempotency,
-        } => Reply::Submit(submit(tx, account, messages, idempotency.as_ref(), now, wake).await?),
+            render,
+        } => Reply::Submit(
+            submit(
+                tx,
+                policy,
+                messages,
+                idempotency.as_ref(),
+                render,
+                now,
+                wake,
+            )
+            .await?,
+        ),
+        Op::AddOptOuts {
+            account,
+            entries,
+            by,
+            policy,
+        } => Reply::Count(policy::add_opt_outs(tx, account, entries, by, policy, now, wake).await?),
+        Op::RemoveOptOut {
+            account,
+            number,
+            sender,
+            by,
+        } => Reply::Count(
+            policy::remove_opt_out(tx, account, number, sender.as_deref(), by, now, wake).await?,
+        ),
+        Op::AddNumberChanges { changes, follow } => {
+            Reply::Count(policy::add_number_changes(tx, changes, follow, now, wake).await?)
+        }
+        Op::ClearSuspect { number } => {
+            Reply::Count(policy::clear_suspect(tx, number, now, wake).await?)
+        }
+        Op::EraseSubject { account, number } => {
+            Reply::Erased(policy::erase_subject(tx, account, number, wake).await?)
+        }
         Op::Cancel { account, id } => Reply::Cancel(cancel(tx, account, *id, now, wake).await?),
         Op::Claim { limit, lease_until } => {
             Reply::Claimed(claim(tx, *limit, *lease_until, now).await?)
@@ -490,86 +654,108 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
 
 async fn submit(
     tx: &mut Tx<'_>,
-    account: &str,
+    policy: &AccountPolicy,
     messages: &[NewMessage],
-    idempotency: Option<&IdempotentAnswer>,
+    idempotency: Option<&IdempotencyRequest>,
+    render: &RenderAnswer,
     now: i64,
     wake: &mut Wake,
 ) -> Result<SubmitResult, StoreError> {
-    if let Some(answer) = idempotency {
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency (account, key, request_hash, status_code, answer, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+    let account = messages.first().map(|m| m.account.as_str()).unwrap_or("");
+    if let Some(request) = idempotency {
+        let first = sqlx::query(
+            "SELECT key, request_hash, status_code, answer FROM idempotency
+             WHERE account = ?1 AND key = ?2",
         )
         .bind(account)
-        .bind(&answer.key)
-        .bind(&answer.request_hash)
-        .bind(answer.status_code as i64)
-        .bind(&answer.answer)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            let row = sqlx::query(
-                "SELECT key, request_hash, status_code, answer FROM idempotency
-                 WHERE account = ?1 AND key = ?2",
-            )
-            .bind(account)
-            .bind(&answer.key)
-            .fetch_one(&mut **tx)
-            .await?;
+        .bind(&request.key)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(row) = first {
             return Ok(SubmitResult::Replay(idempotent_from_row(&row)?));
         }
     }
-    for m in messages {
-        let id = m.id.to_string();
+    let mut decided = Vec::with_capacity(messages.len());
+    for message in messages {
+        let mut m = message.clone();
+        policy::evaluate(tx, policy, &mut m, now, wake).await?;
+        insert_message(tx, &m, now, wake).await?;
+        decided.push(m);
+    }
+    let (status_code, answer) = render(&decided);
+    if let Some(request) = idempotency {
         sqlx::query(
-            "INSERT INTO messages (id, account, reference, recipient, sender, body, category,
-                 encoding, segments, priority, webhook_url, consent_at, status, detail,
-                 created_at, updated_at, due_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17)",
+            "INSERT INTO idempotency (account, key, request_hash, status_code, answer, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
-        .bind(&id)
-        .bind(&m.account)
-        .bind(&m.reference)
-        .bind(&m.recipient)
-        .bind(&m.sender)
-        .bind(&m.body)
-        .bind(m.category.as_str())
-        .bind(m.encoding.as_str())
-        .bind(m.segments as i64)
-        .bind(m.priority as i64)
-        .bind(&m.webhook_url)
-        .bind(m.consent_at)
-        .bind(m.status.as_str())
-        .bind(&m.detail)
-        .bind(m.created_at)
-        .bind(m.due_at)
-        .bind(m.expires_at)
+        .bind(account)
+        .bind(&request.key)
+        .bind(&request.request_hash)
+        .bind(status_code as i64)
+        .bind(&answer)
+        .bind(now)
         .execute(&mut **tx)
         .await?;
-        let target = m.webhook_url.as_ref().map(|url| WebhookTarget {
-            account: m.account.clone(),
-            url: url.clone(),
-            reference: m.reference.clone(),
-        });
-        add_event(
-            tx,
-            &id,
-            m.status,
-            m.detail.as_deref(),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
-        if matches!(m.status, Status::Queued | Status::Scheduled) {
-            wake.queue = true;
-        }
     }
-    Ok(SubmitResult::Stored)
+    Ok(SubmitResult::Stored {
+        status_code,
+        answer,
+    })
+}
+
+/// Inserts a message with its first event (and webhook).
+async fn insert_message(
+    tx: &mut Tx<'_>,
+    m: &NewMessage,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    let id = m.id.to_string();
+    sqlx::query(
+        "INSERT INTO messages (id, account, reference, recipient, sender, body, category,
+             encoding, segments, priority, webhook_url, consent_at, status, detail,
+             created_at, updated_at, due_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17)",
+    )
+    .bind(&id)
+    .bind(&m.account)
+    .bind(&m.reference)
+    .bind(&m.recipient)
+    .bind(&m.sender)
+    .bind(&m.body)
+    .bind(m.category.as_str())
+    .bind(m.encoding.as_str())
+    .bind(m.segments as i64)
+    .bind(m.priority as i64)
+    .bind(&m.webhook_url)
+    .bind(m.consent_at)
+    .bind(m.status.as_str())
+    .bind(&m.detail)
+    .bind(m.created_at)
+    .bind(m.due_at)
+    .bind(m.expires_at)
+    .execute(&mut **tx)
+    .await?;
+    let target = m.webhook_url.as_ref().map(|url| WebhookTarget {
+        account: m.account.clone(),
+        url: url.clone(),
+        reference: m.reference.clone(),
+    });
+    add_event(
+        tx,
+        &id,
+        m.status,
+        m.detail.as_deref(),
+        None,
+        now,
+        target.as_ref(),
+        wake,
+    )
+    .await?;
+    if matches!(m.status, Status::Queued | Status::Scheduled) {
+        wake.queue = true;
+    }
+    Ok(())
 }
 
 async fn cancel(
@@ -716,7 +902,7 @@ async fn record_attempt(
              carrier = COALESCE(?5, carrier), due_at = COALESCE(?6, due_at),
              locked_until = NULL, updated_at = ?7
          WHERE id = ?1 AND status = 'sending'
-         RETURNING account, webhook_url, reference",
+         RETURNING account, webhook_url, reference, recipient",
     )
     .bind(&id)
     .bind(status.as_str())
@@ -743,6 +929,10 @@ async fn record_attempt(
         .await?;
         if status == Status::Queued {
             wake.queue = true;
+        }
+        if let Some(code) = error_code.filter(|c| wake.rules.is_suspect_code(c)) {
+            let recipient: String = row.try_get("recipient")?;
+            policy::count_failure(tx, &recipient, code, now, wake).await?;
         }
     }
     // Receipts that overtook their submit_sm_resp are applied now that their part is known,
@@ -828,7 +1018,8 @@ async fn apply_receipt(
             .await?;
     }
     let row = sqlx::query(
-        "SELECT status, segments, account, webhook_url, reference FROM messages WHERE id = ?1",
+        "SELECT status, segments, account, webhook_url, reference, recipient
+         FROM messages WHERE id = ?1",
     )
     .bind(&id)
     .fetch_optional(&mut **tx)
@@ -840,6 +1031,16 @@ async fn apply_receipt(
     let segments: i64 = row.try_get("segments")?;
     let target = target_from_row(&row)?;
     let detail = receipt_detail(part_no, segments, receipt);
+    // Carrier feedback on the number: "unknown subscriber" counts towards suspect, a delivery
+    // shows the number works.
+    let recipient: String = row.try_get("recipient")?;
+    match (&receipt.error_code, receipt.state) {
+        (_, ReceiptState::Delivered) => policy::reset_failures(tx, &recipient).await?,
+        (Some(code), state) if state.is_final() && wake.rules.is_suspect_code(code) => {
+            policy::count_failure(tx, &recipient, code, now, wake).await?
+        }
+        _ => {}
+    }
     let next = if !receipt.state.is_final() || current.is_final() {
         None
     } else {
@@ -946,6 +1147,13 @@ async fn store_inbound(
     .bind(now)
     .execute(&mut **tx)
     .await?;
+    // Keywords take effect in this transaction: before the deliver_sm is acknowledged.
+    let keyword = match owner {
+        Some(owner) => {
+            policy::on_inbound(tx, owner, &sender, &sms.to, &sms.text, now, wake).await?
+        }
+        None => None,
+    };
     if let Some((account, Some(url))) = owner.map(|o| (&o.account, &o.webhook_url)) {
         let payload = serde_json::json!({
             "type": "message.inbound",
@@ -953,6 +1161,7 @@ async fn store_inbound(
             "from": sender,
             "to": sms.to,
             "text": sms.text,
+            "keyword": keyword,
             "received_at": rfc3339(now),
         });
         enqueue_webhook(tx, account, url, &payload.to_string(), now, wake).await?;

@@ -1,0 +1,276 @@
+//! Operator commands that act on the store directly (`smsgw opt-out ...`,
+//! `smsgw number-change ...`). SQLite takes a second writer beside a running daemon (WAL and a
+//! busy timeout), so these work whether the gateway runs or not.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::api::auth::Accounts;
+use crate::api::policy::{NumberChangeRequest, number_change_from, parse_import};
+use crate::config::Config;
+use crate::message::{Msisdn, Pseudonymizer, rfc3339};
+use crate::policy::number_change::ChangeKind;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{AccountPolicy, NumberChange, OptOutSource, Store, StoreError, StoreRules};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no account named `{0}` in the configuration")]
+    UnknownAccount(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The store and accounts of a configuration, for one command.
+pub struct Admin {
+    store: Arc<dyn Store>,
+    accounts: Accounts,
+    config: Config,
+}
+
+impl Admin {
+    pub async fn open(config: Config) -> Result<Admin, AdminError> {
+        let rules = StoreRules {
+            pseudonyms: Pseudonymizer::new(config.privacy.pseudonym_key.expose().as_bytes()),
+            suspect_after: config.policy.suspect_after,
+            suspect_codes: config.policy.suspect_codes.clone(),
+        };
+        let store = SqliteStore::open(&config.store.path, config.store.max_batch, rules).await?;
+        Ok(Admin {
+            store: Arc::new(store),
+            accounts: Accounts::from_config(&config.accounts),
+            config,
+        })
+    }
+
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+
+    fn policy(&self, account: &str) -> Result<AccountPolicy, AdminError> {
+        let account = self
+            .accounts
+            .find(account)
+            .ok_or_else(|| AdminError::UnknownAccount(account.to_owned()))?;
+        Ok(AccountPolicy {
+            service_messages: account.service_messages,
+            follow_number_changes: account.follow_number_changes,
+        })
+    }
+
+    pub async fn opt_out_add(
+        &self,
+        account: &str,
+        number: &str,
+        sender: Option<String>,
+    ) -> Result<String, AdminError> {
+        let policy = self.policy(account)?;
+        let number = e164(number)?;
+        let by = cli();
+        let added = self
+            .store
+            .add_opt_outs(account, vec![(number.clone(), sender)], by, policy)
+            .await?;
+        Ok(if added > 0 {
+            format!("{number} opted out")
+        } else {
+            format!("{number} was opted out already")
+        })
+    }
+
+    pub async fn opt_out_remove(
+        &self,
+        account: &str,
+        number: &str,
+        sender: Option<String>,
+    ) -> Result<String, AdminError> {
+        self.policy(account)?;
+        let number = e164(number)?;
+        let removed = self
+            .store
+            .remove_opt_out(account, &number, sender, cli())
+            .await?;
+        Ok(format!("{removed} opt-out entries removed for {number}"))
+    }
+
+    pub async fn opt_out_list(&self, account: &str) -> Result<String, AdminError> {
+        self.policy(account)?;
+        let mut out = String::from("number\tsender\tsource\tcreated_at\n");
+        let mut cursor = None;
+        loop {
+            let page = self
+                .store
+                .list_opt_outs(account, cursor.take(), 1000)
+                .await?;
+            for o in &page {
+                let shown = o
+                    .number
+                    .clone()
+                    .unwrap_or_else(|| format!("(erased {})", &o.number_key[..16]));
+                let sender = o.sender.as_deref().unwrap_or("*");
+                out.push_str(&format!(
+                    "{shown}\t{sender}\t{}\t{}\n",
+                    o.source,
+                    rfc3339(o.created_at)
+                ));
+            }
+            match page.last() {
+                Some(o) if page.len() == 1000 => {
+                    cursor = Some(format!(
+                        "{}:{}",
+                        o.number_key,
+                        o.sender.as_deref().unwrap_or("")
+                    ))
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn opt_out_import(&self, account: &str, file: &Path) -> Result<String, AdminError> {
+        let policy = self.policy(account)?;
+        let text = read(file)?;
+        let (entries, errors) = parse_import(&text);
+        let by = OptOutSource {
+            source: "import",
+            actor: Some("cli".into()),
+        };
+        let added = self
+            .store
+            .add_opt_outs(account, entries, by, policy)
+            .await?;
+        let mut out = format!(
+            "{added} opt-outs imported, {} lines refused\n",
+            errors.len()
+        );
+        for error in errors {
+            out.push_str(&format!("{error}\n"));
+        }
+        Ok(out)
+    }
+
+    /// A change reported by the operator; `account` None applies it to every account.
+    pub async fn number_change_add(
+        &self,
+        request: NumberChangeRequest,
+        account: Option<String>,
+    ) -> Result<String, AdminError> {
+        if let Some(name) = &account {
+            self.policy(name)?;
+        }
+        let change = number_change_from(request, account, "cli", self.config.policy.max_backdate)
+            .map_err(|e| AdminError::Invalid(e.message))?;
+        let affected = self
+            .store
+            .add_number_changes(vec![change], self.accounts.following_changes())
+            .await?;
+        Ok(format!(
+            "recorded; {affected} waiting messages refused or redirected"
+        ))
+    }
+
+    /// Imports a list of permanently disconnected numbers (`number,date` lines, the shape of a
+    /// Reassigned Numbers Database answer): global `deactivated` events, not limited in age.
+    pub async fn number_change_import(&self, file: &Path) -> Result<String, AdminError> {
+        let text = read(file)?;
+        let mut changes = Vec::new();
+        let mut refused = Vec::new();
+        for (index, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || (index == 0 && line.to_ascii_lowercase().starts_with("number")) {
+                continue;
+            }
+            match disconnection(line) {
+                Some(change) => changes.push(change),
+                None => refused.push(index + 1),
+            }
+        }
+        let count = changes.len();
+        let affected = self
+            .store
+            .add_number_changes(changes, self.accounts.following_changes())
+            .await?;
+        Ok(format!(
+            "{count} disconnections imported; {affected} waiting messages refused or redirected; \
+             lines refused: {refused:?}"
+        ))
+    }
+
+    pub async fn number_change_show(
+        &self,
+        number: &str,
+        account: &str,
+    ) -> Result<String, AdminError> {
+        let number = e164(number)?;
+        let history = self.store.number_history(account, &number).await?;
+        let mut out = format!(
+            "{number}: suspect {}, unknown-subscriber results {}\n",
+            history.suspect, history.failures
+        );
+        for (change, reported_at) in &history.changes {
+            let to = match &change.kind {
+                ChangeKind::Changed { new_number } => format!(" → {new_number}"),
+                ChangeKind::Deactivated => String::new(),
+            };
+            out.push_str(&format!(
+                "{} {}{to} effective {} (reported {} via {}, {})\n",
+                number,
+                change.kind.as_str(),
+                rfc3339(change.effective_at),
+                rfc3339(*reported_at),
+                change.source,
+                change.account.as_deref().unwrap_or("all accounts"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn cli() -> OptOutSource {
+    OptOutSource {
+        source: "cli",
+        actor: Some("cli".into()),
+    }
+}
+
+fn e164(number: &str) -> Result<String, AdminError> {
+    Msisdn::parse(number)
+        .map(|m| m.as_str().to_owned())
+        .map_err(|e| AdminError::Invalid(format!("{number}: {e}")))
+}
+
+fn read(file: &Path) -> Result<String, AdminError> {
+    std::fs::read_to_string(file).map_err(|source| AdminError::Read {
+        path: file.display().to_string(),
+        source,
+    })
+}
+
+/// `+15551234567,2026-01-31` (a date, or an RFC 3339 time) → a global deactivation.
+fn disconnection(line: &str) -> Option<NumberChange> {
+    let (number, date) = line.split_once(',')?;
+    let number = e164(number.trim()).ok()?;
+    let date = date.trim();
+    let time = if date.len() == 10 {
+        format!("{date}T00:00:00Z")
+    } else {
+        date.to_owned()
+    };
+    let at =
+        time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(NumberChange {
+        account: None,
+        number,
+        kind: ChangeKind::Deactivated,
+        effective_at: (at.unix_timestamp_nanos() / 1_000_000) as i64,
+        source: "import".into(),
+    })
+}
