@@ -31,8 +31,14 @@ pub(super) async fn evaluate(
     if !matches!(m.status, Status::Queued | Status::Scheduled) {
         return Ok(());
     }
+    // The usual case costs one statement: three indexed existence checks. The events are read
+    // only for a number that has some.
+    let mut facts = Facts::of(tx, wake, m).await?;
     // A new number may itself have changed since: follow a short chain, never a loop.
     for hop in 0..=MAX_REDIRECTS {
+        if !facts.changed {
+            break;
+        }
         let events = change_events(tx, &m.account, &m.recipient).await?;
         let follow = policy.follow_number_changes && hop < MAX_REDIRECTS;
         match number_change::decide(&events, m.consent_at, now, follow) {
@@ -56,11 +62,11 @@ pub(super) async fn evaluate(
                     None => note,
                 });
                 m.recipient = to;
+                facts = Facts::of(tx, wake, m).await?;
             }
         }
     }
-    let opted_out = is_opted_out(tx, wake, &m.account, &m.recipient, &m.sender).await?;
-    match opt_out::decide(m.category, opted_out, policy.service_messages) {
+    match opt_out::decide(m.category, facts.opted_out, policy.service_messages) {
         SendDecision::Send => {}
         SendDecision::SendOverridingOptOut => {
             let note = "service message sent although the recipient opted out (the account may \
@@ -76,7 +82,7 @@ pub(super) async fn evaluate(
             return Ok(());
         }
     }
-    if is_suspect(tx, &m.recipient).await? {
+    if facts.suspect {
         m.status = Status::HeldSuspect;
         m.detail = Some(HELD_DETAIL.into());
     }
@@ -85,6 +91,37 @@ pub(super) async fn evaluate(
 
 const HELD_DETAIL: &str =
     "held: carriers report this number unknown; clear it, or report it deactivated";
+
+/// What the store knows about a message's recipient that the policy needs.
+struct Facts {
+    changed: bool,
+    opted_out: bool,
+    suspect: bool,
+}
+
+impl Facts {
+    async fn of(tx: &mut Tx<'_>, wake: &Wake, m: &NewMessage) -> Result<Facts, StoreError> {
+        let row = sqlx::query(
+            "SELECT
+                 EXISTS (SELECT 1 FROM number_changes
+                         WHERE number = ?1 AND (account IS NULL OR account = ?2)) AS changed,
+                 EXISTS (SELECT 1 FROM opt_outs
+                         WHERE account = ?2 AND number_key = ?3 AND sender IN ('', ?4)) AS opted_out,
+                 EXISTS (SELECT 1 FROM suspects WHERE number = ?1 AND suspect = 1) AS suspect",
+        )
+        .bind(&m.recipient)
+        .bind(&m.account)
+        .bind(wake.rules.number_key(&m.recipient))
+        .bind(&m.sender)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(Facts {
+            changed: row.try_get("changed")?,
+            opted_out: row.try_get("opted_out")?,
+            suspect: row.try_get("suspect")?,
+        })
+    }
+}
 
 async fn change_events(
     tx: &mut Tx<'_>,
@@ -132,15 +169,6 @@ async fn is_opted_out(
     .bind(sender)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(found.is_some())
-}
-
-async fn is_suspect(tx: &mut Tx<'_>, number: &str) -> Result<bool, StoreError> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT 1 FROM suspects WHERE number = ?1 AND suspect = 1")
-            .bind(number)
-            .fetch_optional(&mut **tx)
-            .await?;
     Ok(found.is_some())
 }
 
