@@ -13,6 +13,7 @@ use tracing::{debug, error, warn};
 use crate::config::{MessagesConfig, Schedule, UnknownOutcome};
 use crate::encoding;
 use crate::message::{Sender, Status, now_ms};
+use crate::metrics;
 use crate::router::Router;
 use crate::smpp::status::{StatusClass, classify, describe};
 use crate::smpp::{SubmitOutcome, submit_pdus};
@@ -164,6 +165,9 @@ impl Dispatcher {
         let outcomes =
             futures::future::join_all(pdus.into_iter().map(|pdu| carrier.submit(pdu))).await;
         let outcomes: Vec<(u32, SubmitOutcome)> = numbered.into_iter().zip(outcomes).collect();
+        for (_, outcome) in &outcomes {
+            metrics::submit(&carrier.name, outcome_label(outcome));
+        }
         let (accepted, next) = decide(
             message,
             &outcomes,
@@ -172,6 +176,19 @@ impl Dispatcher {
             self.config.on_unknown_outcome,
         );
         result(Some(carrier.name.clone()), accepted, next)
+    }
+}
+
+fn outcome_label(outcome: &SubmitOutcome) -> &'static str {
+    match outcome {
+        SubmitOutcome::Accepted { .. } => "accepted",
+        SubmitOutcome::Rejected { status } => match classify(*status) {
+            StatusClass::Throttled => "throttled",
+            StatusClass::Permanent => "rejected_permanent",
+            StatusClass::Temporary | StatusClass::Session => "rejected_temporary",
+        },
+        SubmitOutcome::Unknown { .. } => "unknown",
+        SubmitOutcome::NotSent => "not_sent",
     }
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dispatch;
 pub mod encoding;
 pub mod message;
+pub mod metrics;
 pub mod policy;
 pub mod receipt;
 pub mod router;
@@ -72,6 +73,10 @@ pub async fn run(
     };
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&config.store.path, config.store.max_batch, rules).await?);
+    let prometheus = metrics::install();
+    let observers = CancellationToken::new();
+    tokio::spawn(metrics::upkeep(prometheus.clone(), observers.clone()));
+    tokio::spawn(sample_backlog(store.clone(), observers.clone()));
     // One instance owns an SQLite file: whatever was being sent when it last stopped is ours.
     let released = store.release_claims(true).await?;
     if released > 0 {
@@ -141,6 +146,7 @@ pub async fn run(
         http: Arc::new(config.http.clone()),
         messages: Arc::new(config.messages.clone()),
         policy: Arc::new(config.policy.clone()),
+        prometheus,
     };
     let address = listeners.http.local_addr().map_err(RunError::Http)?;
     info!(%address, "HTTP API listening");
@@ -153,9 +159,24 @@ pub async fn run(
     binds.wait().await;
     let _ = webhooks.await;
     simulators.cancel();
+    observers.cancel();
     store.close().await;
     info!("stopped");
     served.map_err(RunError::Http)
+}
+
+/// Publishes the queue depth and the webhook backlog every few seconds.
+async fn sample_backlog(store: Arc<dyn Store>, stop: CancellationToken) {
+    loop {
+        if let Ok((queued, oldest, webhooks)) = store.backlog().await {
+            let age = oldest.map_or(0, |created| message::now_ms() - created);
+            metrics::backlog(queued, age, webhooks);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Which account an inbound SMS belongs to, by the number or sender id it was sent to, and

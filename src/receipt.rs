@@ -364,10 +364,13 @@ async fn handle(
         Ok(Delivered::Receipt(receipt)) => {
             let state = receipt.state;
             store.apply_receipt(carrier, receipt).await.map(|matched| {
+                let found = matched == crate::store::ReceiptMatch::Matched;
+                crate::metrics::receipt(carrier, state.as_str(), found);
                 tracing::debug!(carrier, state = state.as_str(), ?matched, "receipt");
             })
         }
         Ok(Delivered::Inbound(sms)) => {
+            crate::metrics::inbound(carrier);
             let owner = inbound.get(sms.to.trim_start_matches('+')).cloned();
             store.store_inbound(carrier, sms, owner).await
         }

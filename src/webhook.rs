@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 
 use crate::config::WebhooksConfig;
 use crate::message::now_ms;
+use crate::metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
 pub const SIGNATURE_HEADER: &str = "x-smsgw-signature";
@@ -103,15 +104,20 @@ impl WebhookSender {
 
     async fn deliver(&self, job: WebhookJob) {
         let result = match self.post(&job).await {
-            Ok(()) => WebhookResult::Delivered,
+            Ok(()) => {
+                metrics::webhook("delivered");
+                WebhookResult::Delivered
+            }
             Err(error) => {
                 let now = now_ms();
                 let delay = self.config.retry_schedule.delay_after(job.attempts);
                 let at = now + delay.as_millis() as i64;
                 debug!(webhook = job.id, attempts = job.attempts, %error, "webhook failed");
                 if at - job.created_at > self.config.give_up_after.as_millis() as i64 {
+                    metrics::webhook("given_up");
                     WebhookResult::GiveUp { error }
                 } else {
+                    metrics::webhook("failed");
                     WebhookResult::RetryAt { at, error }
                 }
             }

@@ -692,3 +692,39 @@ async fn undecodable_pdus_from_the_carrier_are_refused_and_the_link_survives() {
         .wait_status(KEY_A, answer["id"].as_str().unwrap(), "sent")
         .await;
 }
+
+#[tokio::test]
+async fn metrics_expose_the_named_series_after_traffic_and_never_a_number() {
+    let (_dir, _sim, gateway) = setup(sim_config()).await;
+    let (_, answer) = gateway.post(KEY_A, &message(TO, "count me")).await;
+    gateway
+        .wait_status(KEY_A, answer["id"].as_str().unwrap(), "delivered")
+        .await;
+    gateway.post(KEY_A, &message("0701234567", "bad")).await;
+    let text = gateway
+        .client
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "smsgw_messages_accepted_total{account=\"a\"}",
+        "smsgw_messages_rejected_total{account=\"a\",reason=\"invalid_number\"}",
+        "smsgw_submits_total{carrier=\"sim\",outcome=\"accepted\"}",
+        "smsgw_receipts_total{carrier=\"sim\",state=\"delivered\"}",
+        "smsgw_message_status_total{status=\"delivered\"}",
+        "smsgw_submit_response_seconds_bucket",
+        "smsgw_receipt_latency_seconds_bucket",
+        "smsgw_binds_up{carrier=\"sim\"}",
+        "smsgw_window_in_flight",
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+    assert!(
+        !text.contains("4670"),
+        "a phone number leaked into the metrics"
+    );
+}

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::{AppState, authenticate};
 use crate::encoding;
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
+use crate::metrics;
 use crate::store::{
     AccountPolicy, CancelResult, IdempotencyRequest, IdempotentAnswer, ListFilter, MessageView,
     NewMessage, RenderAnswer, SubmitResult,
@@ -77,7 +78,9 @@ pub async fn submit(
     {
         return replay(first, &request_hash);
     }
-    let parsed = build(&state, account, &bytes)?;
+    let parsed =
+        build(&state, account, &bytes).inspect_err(|e| metrics::rejected(&account.name, e.code))?;
+    let stored = parsed.messages.len();
     let idempotency = idempotency_key.map(|key| IdempotencyRequest {
         key,
         request_hash: request_hash.clone(),
@@ -96,6 +99,7 @@ pub async fn submit(
             status_code,
             answer,
         } => {
+            metrics::accepted(&account.name, stored);
             let status = StatusCode::from_u16(status_code).unwrap_or(StatusCode::ACCEPTED);
             Ok(json_response(status, answer))
         }
@@ -270,7 +274,10 @@ fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, A
                 parsed.messages.push(message);
                 parsed.items.push(None);
             }
-            Err(error) => parsed.items.push(Some(error)),
+            Err(error) => {
+                metrics::rejected(&account.name, error.code);
+                parsed.items.push(Some(error));
+            }
         }
     }
     Ok(parsed)

@@ -31,6 +31,7 @@ pub struct AppState {
     pub http: Arc<HttpConfig>,
     pub messages: Arc<MessagesConfig>,
     pub policy: Arc<PolicyConfig>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
             delete(policy::clear_suspect),
         )
         .route("/v1/subjects/{number}", delete(policy::erase_subject))
+        .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -92,6 +94,12 @@ pub(super) async fn json_body<T: DeserializeOwned>(
 ) -> Result<T, ApiError> {
     let bytes: Bytes = read_body(state, body).await?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(&e))
+}
+
+/// Prometheus text format. Unauthenticated like the health checks: keep the API listener on
+/// loopback (the default) or behind a proxy that restricts `/metrics`.
+async fn prometheus(State(state): State<AppState>) -> String {
+    state.prometheus.render()
 }
 
 /// The process is alive.

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 use super::codec::{Frame, FrameCodec};
 use super::status::{self, ESME_RTHROTTLED};
 use crate::config::CarrierConfig;
+use crate::metrics;
 
 /// Largest PDU we accept from a carrier; a submit_sm or deliver_sm is well under 1 KiB.
 const MAX_PDU_LENGTH: usize = 4096;
@@ -122,10 +123,14 @@ pub async fn run(bind: Bind) {
         match connect_and_bind(&bind).await {
             Ok(link) => {
                 backoff = carrier.reconnect_min;
-                bind.health.bound.fetch_add(1, Ordering::SeqCst);
+                let up = bind.health.bound.fetch_add(1, Ordering::SeqCst) + 1;
+                metrics::binds_up(&carrier.name, up);
                 info!(carrier = %carrier.name, bind = bind.index, "bound");
                 let end = Session::new(&bind, &limiter).serve(link).await;
-                if bind.health.bound.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let up = bind.health.bound.fetch_sub(1, Ordering::SeqCst) - 1;
+                metrics::binds_up(&carrier.name, up);
+                metrics::window_in_flight(&carrier.name, bind.index, 0);
+                if up == 0 {
                     return_queued_jobs(&bind.jobs).await;
                 }
                 match end {
@@ -134,6 +139,7 @@ pub async fn run(bind: Bind) {
                         return;
                     }
                     SessionEnd::Lost(reason) => {
+                        metrics::reconnect(&carrier.name, "link_lost");
                         warn!(carrier = %carrier.name, bind = bind.index, %reason, "link lost")
                     }
                 }
@@ -148,9 +154,13 @@ pub async fn run(bind: Bind) {
                 bind.health
                     .credentials_refused
                     .store(true, Ordering::SeqCst);
+                metrics::bind_credentials_refused(&carrier.name);
                 return;
             }
-            Err(e) => warn!(carrier = %carrier.name, bind = bind.index, error = %e, "bind failed"),
+            Err(e) => {
+                metrics::reconnect(&carrier.name, "bind_failed");
+                warn!(carrier = %carrier.name, bind = bind.index, error = %e, "bind failed")
+            }
         }
         let delay = with_jitter(backoff);
         backoff = (backoff * 2).min(carrier.reconnect_max);
@@ -225,6 +235,7 @@ fn c_octets<const MIN: usize, const MAX: usize>(value: &str) -> COctetString<MIN
 
 struct Pending {
     reply: oneshot::Sender<SubmitOutcome>,
+    sent_at: Instant,
     deadline: Instant,
 }
 
@@ -332,14 +343,16 @@ impl<'a> Session<'a> {
 
     async fn submit(&mut self, link: &mut Link, job: SubmitJob) -> std::io::Result<()> {
         let sequence = self.sequence();
-        let deadline = Instant::now() + self.bind.carrier.response_timeout;
+        let sent_at = Instant::now();
         self.pending.insert(
             sequence,
             Pending {
                 reply: job.reply,
-                deadline,
+                sent_at,
+                deadline: sent_at + self.bind.carrier.response_timeout,
             },
         );
+        metrics::window_in_flight(&self.bind.carrier.name, self.bind.index, self.pending.len());
         link.send(Command::new(CommandStatus::EsmeRok, sequence, job.pdu))
             .await
     }
@@ -449,11 +462,15 @@ impl<'a> Session<'a> {
             debug!(carrier = %self.bind.carrier.name, sequence, "response to nothing in flight");
             return;
         };
+        let carrier = &self.bind.carrier.name;
+        metrics::submit_latency(carrier, pending.sent_at.elapsed());
+        metrics::window_in_flight(carrier, self.bind.index, self.pending.len());
         if outcome
             == (SubmitOutcome::Rejected {
                 status: ESME_RTHROTTLED,
             })
         {
+            metrics::throttled(carrier);
             self.throttled_until = Some(Instant::now() + THROTTLE_PAUSE);
         }
         let _ = pending.reply.send(outcome);

@@ -421,6 +421,9 @@ pub trait Store: Send + Sync + 'static {
     /// When the earliest pending webhook is due (ms), if any.
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;
 
+    /// Messages waiting, the creation time of the oldest (ms), and webhooks waiting.
+    async fn backlog(&self) -> Result<(i64, Option<i64>, i64), StoreError>;
+
     /// Answers when the database can be read (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -487,6 +487,23 @@ impl Store for SqliteStore {
         Ok(due)
     }
 
+    async fn backlog(&self) -> Result<(i64, Option<i64>, i64), StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM messages WHERE status IN ('queued', 'scheduled'))
+                        AS queued,
+                    (SELECT MIN(created_at) FROM messages WHERE status IN ('queued', 'scheduled'))
+                        AS oldest,
+                    (SELECT COUNT(*) FROM webhooks) AS webhooks",
+        )
+        .fetch_one(&self.readers)
+        .await?;
+        Ok((
+            row.try_get("queued")?,
+            row.try_get("oldest")?,
+            row.try_get("webhooks")?,
+        ))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         if self.jobs.is_closed() {
@@ -978,7 +995,7 @@ async fn apply_receipt(
     };
     // Carriers reuse ids over time: the newest part with this id is the one meant.
     let part = sqlx::query(
-        "SELECT rowid, message_id, part, state FROM parts
+        "SELECT rowid, message_id, part, state, updated_at FROM parts
          WHERE carrier = ?1 AND carrier_message_id = ?2
          ORDER BY updated_at DESC LIMIT 1",
     )
@@ -1009,6 +1026,11 @@ async fn apply_receipt(
     // A late intermediate receipt (ENROUTE after DELIVRD, from another bind) changes nothing.
     let part_is_final =
         parse_receipt_state(&part.try_get::<String, _>("state")?).is_ok_and(ReceiptState::is_final);
+    let part_state: String = part.try_get("state")?;
+    if receipt.state.is_final() && part_state == "submitted" {
+        let accepted_at: i64 = part.try_get("updated_at")?;
+        crate::metrics::receipt_latency(carrier, now - accepted_at);
+    }
     if receipt.state.is_final() || !part_is_final {
         sqlx::query("UPDATE parts SET state = ?2, updated_at = ?3 WHERE rowid = ?1")
             .bind(part.try_get::<i64, _>("rowid")?)
@@ -1314,6 +1336,7 @@ async fn add_event(
         .bind(detail)
         .execute(&mut **tx)
         .await?;
+    crate::metrics::status_change(status.as_str());
     if let Some(target) = target.filter(|_| status != Status::Sending) {
         let payload = serde_json::json!({
             "type": "message.status",

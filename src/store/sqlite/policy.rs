@@ -315,6 +315,7 @@ async fn add_one(
         return Ok(false);
     }
     journal(tx, account, &key, number, scope, "opt_out", by, now).await?;
+    crate::metrics::opt_out("opt_out", by.source);
     let detail = "the recipient opted out of messages from this sender";
     // Waiting messages (not yet out) that the opt-out covers.
     let rows = sqlx::query(
@@ -387,6 +388,7 @@ async fn remove(
     for row in &removed {
         let scope: String = row.try_get("sender")?;
         journal(tx, account, &key, number, &scope, "opt_in", by, now).await?;
+        crate::metrics::opt_out("opt_in", by.source);
     }
     Ok(removed.len() as u64)
 }
@@ -483,6 +485,7 @@ pub(super) async fn add_number_changes(
         .bind(now)
         .execute(&mut **tx)
         .await?;
+        crate::metrics::number_change(change.kind.as_str());
         affected += apply_change(tx, change, follow, now, wake).await?;
     }
     Ok(affected)

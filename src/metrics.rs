@@ -1,0 +1,156 @@
+//! Every metric the gateway exports, in one place (served at `/metrics` for Prometheus).
+//!
+//! Labels stay bounded: carrier, account (both from configuration), status, reason, outcome.
+//! Never a phone number or a message id.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Installs the process-wide recorder once and returns its handle. The recorder is global,
+/// so a second gateway in the same process (tests) shares it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                        60.0, 300.0, 1800.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program): render an empty one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Histograms are drained by upkeep; without it they grow without bound.
+pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// A message accepted by the API (stored, whatever the policy decided).
+pub fn accepted(account: &str, count: usize) {
+    counter!("smsgw_messages_accepted_total", "account" => account.to_owned())
+        .increment(count as u64);
+}
+
+/// A submission refused before it was stored, by its error code.
+pub fn rejected(account: &str, code: &'static str) {
+    counter!("smsgw_messages_rejected_total", "account" => account.to_owned(), "reason" => code)
+        .increment(1);
+}
+
+/// Every status a message enters (refusals by policy included).
+pub fn status_change(status: &'static str) {
+    counter!("smsgw_message_status_total", "status" => status).increment(1);
+}
+
+/// One submit_sm and what became of it: accepted, rejected, throttled, unknown, not_sent.
+pub fn submit(carrier: &str, outcome: &'static str) {
+    counter!("smsgw_submits_total", "carrier" => carrier.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub fn submit_latency(carrier: &str, elapsed: Duration) {
+    histogram!("smsgw_submit_response_seconds", "carrier" => carrier.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn window_in_flight(carrier: &str, bind: usize, in_flight: usize) {
+    gauge!("smsgw_window_in_flight", "carrier" => carrier.to_owned(), "bind" => bind.to_string())
+        .set(in_flight as f64);
+}
+
+pub fn binds_up(carrier: &str, up: usize) {
+    gauge!("smsgw_binds_up", "carrier" => carrier.to_owned()).set(up as f64);
+}
+
+/// 1 when a bind of the carrier was refused for its credentials and stopped: alert on it.
+pub fn bind_credentials_refused(carrier: &str) {
+    gauge!("smsgw_bind_credentials_refused", "carrier" => carrier.to_owned()).set(1.0);
+}
+
+/// A link lost or a bind failed, by a short reason.
+pub fn reconnect(carrier: &str, reason: &'static str) {
+    counter!("smsgw_reconnects_total", "carrier" => carrier.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+pub fn throttled(carrier: &str) {
+    counter!("smsgw_throttled_total", "carrier" => carrier.to_owned()).increment(1);
+}
+
+/// A receipt, by its state; `matched` false when it waits for its submit_sm_resp (or never
+/// finds one).
+pub fn receipt(carrier: &str, state: &'static str, matched: bool) {
+    counter!("smsgw_receipts_total", "carrier" => carrier.to_owned(), "state" => state)
+        .increment(1);
+    if !matched {
+        counter!("smsgw_receipts_unmatched_total", "carrier" => carrier.to_owned()).increment(1);
+    }
+}
+
+/// Time from the carrier accepting a part to its final receipt.
+pub fn receipt_latency(carrier: &str, elapsed_ms: i64) {
+    histogram!("smsgw_receipt_latency_seconds", "carrier" => carrier.to_owned())
+        .record(elapsed_ms.max(0) as f64 / 1000.0);
+}
+
+pub fn inbound(carrier: &str) {
+    counter!("smsgw_inbound_total", "carrier" => carrier.to_owned()).increment(1);
+}
+
+/// A webhook post: delivered, failed (to be retried) or given_up.
+pub fn webhook(result: &'static str) {
+    counter!("smsgw_webhook_attempts_total", "result" => result).increment(1);
+}
+
+/// Queue and outbox, sampled periodically.
+pub fn backlog(queued: i64, oldest_queued_age_ms: i64, webhooks: i64) {
+    gauge!("smsgw_queue_depth").set(queued as f64);
+    gauge!("smsgw_queue_oldest_age_seconds").set(oldest_queued_age_ms.max(0) as f64 / 1000.0);
+    gauge!("smsgw_webhook_backlog").set(webhooks as f64);
+}
+
+/// An opt-out change: action opt_out or opt_in, by source.
+pub fn opt_out(action: &'static str, source: &'static str) {
+    counter!("smsgw_opt_out_events_total", "action" => action, "source" => source).increment(1);
+}
+
+pub fn number_change(kind: &'static str) {
+    counter!("smsgw_number_changes_total", "kind" => kind).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recorder_renders_what_was_counted_and_installs_once() {
+        let handle = install();
+        submit("metrics-test", "accepted");
+        window_in_flight("metrics-test", 0, 3);
+        let text = install().render();
+        assert!(
+            text.contains("smsgw_submits_total{carrier=\"metrics-test\",outcome=\"accepted\"}"),
+            "{text}"
+        );
+        assert!(text.contains("smsgw_window_in_flight"));
+        drop(handle);
+    }
+}
