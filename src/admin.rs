@@ -65,6 +65,26 @@ impl Admin {
         })
     }
 
+    /// Runs the retention purge now; `dry_run` shows what would go without removing it.
+    pub async fn purge(&self, dry_run: bool) -> Result<String, AdminError> {
+        let cutoffs = crate::retention::cutoffs(&self.config.retention, crate::message::now_ms());
+        let purge = self
+            .store
+            .purge(cutoffs, crate::retention::ROWS_PER_RUN, dry_run)
+            .await?;
+        let verb = if dry_run { "would remove" } else { "removed" };
+        Ok(format!(
+            "{verb}: {} message bodies, {} inbound bodies, {} webhook payloads, {} events, \
+             {} canceled messages, {} idempotency keys\n",
+            purge.message_bodies,
+            purge.inbound_bodies,
+            purge.webhooks,
+            purge.events,
+            purge.canceled_messages,
+            purge.idempotency_keys
+        ))
+    }
+
     pub async fn opt_out_add(
         &self,
         account: &str,

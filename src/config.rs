@@ -21,6 +21,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub privacy: PrivacyConfig,
     pub policy: PolicyConfig,
+    pub retention: RetentionConfig,
+    pub admin: AdminConfig,
     pub logging: LoggingConfig,
     pub accounts: Vec<AccountConfig>,
     pub carriers: Vec<CarrierConfig>,
@@ -176,6 +178,54 @@ impl Default for PolicyConfig {
             suspect_after: 3,
             // ESME_RINVDSTADR, and GSM MAP error 1 (unknown subscriber) in receipts.
             suspect_codes: vec!["0x0b".into(), "001".into()],
+        }
+    }
+}
+
+/// How long personal data is kept (policy rule 5: deleted data at most one month).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Message and inbound bodies, and webhook payloads, are removed after this many days.
+    pub body_days: u32,
+    /// Status history (events) is removed after this many days.
+    pub event_days: u32,
+    /// Canceled messages are removed whole after this many days.
+    pub canceled_days: u32,
+    /// Idempotency keys are forgotten after this many hours.
+    pub idempotency_hours: u32,
+    /// How often the purge runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            body_days: 30,
+            event_days: 90,
+            canceled_days: 30,
+            idempotency_hours: 24,
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The operators' API (status, queue, carriers), on its own listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens; loopback only by default.
+    pub listen: SocketAddr,
+    /// Whether to serve it at all.
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            enabled: true,
         }
     }
 }
@@ -458,6 +508,32 @@ impl Config {
             self.webhooks.concurrency >= 1,
             "webhooks.concurrency",
             "must be at least 1",
+        );
+        let r = &self.retention;
+        need(
+            (1..=30).contains(&r.body_days),
+            "retention.body_days",
+            "must be between 1 and 30 (the policy keeps personal data at most one month)",
+        );
+        need(
+            (1..=30).contains(&r.canceled_days),
+            "retention.canceled_days",
+            "must be between 1 and 30 (deleted data is kept at most one month)",
+        );
+        need(
+            r.event_days >= 1,
+            "retention.event_days",
+            "must be at least 1",
+        );
+        need(
+            r.idempotency_hours >= 1,
+            "retention.idempotency_hours",
+            "must be at least 1",
+        );
+        need(
+            r.interval >= Duration::from_secs(1),
+            "retention.interval",
+            "must be at least 1s",
         );
         need(
             self.privacy.pseudonym_key.expose().len() >= 16,

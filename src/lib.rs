@@ -14,6 +14,7 @@ pub mod message;
 pub mod metrics;
 pub mod policy;
 pub mod receipt;
+pub mod retention;
 pub mod router;
 pub mod sim;
 pub mod smpp;
@@ -77,6 +78,11 @@ pub async fn run(
     let observers = CancellationToken::new();
     tokio::spawn(metrics::upkeep(prometheus.clone(), observers.clone()));
     tokio::spawn(sample_backlog(store.clone(), observers.clone()));
+    tokio::spawn(retention::run(
+        store.clone(),
+        config.retention.clone(),
+        observers.clone(),
+    ));
     // One instance owns an SQLite file: whatever was being sent when it last stopped is ours.
     let released = store.release_claims(true).await?;
     if released > 0 {

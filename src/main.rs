@@ -47,6 +47,14 @@ enum Command {
     },
     /// Make a new API key and the hash to put in an account's `api_keys`.
     ApiKey,
+    /// Remove what the retention periods say is too old (the daemon also does it hourly).
+    Purge {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        /// Only show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage an account's opt-out list.
     OptOut {
         #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
@@ -127,6 +135,9 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::CheckConfig { path } => check_config(&path),
         Command::Sim { listen, config } => sim(listen, config.as_deref()),
+        Command::Purge { config, dry_run } => {
+            admin(&config, |admin| async move { admin.purge(dry_run).await })
+        }
         Command::OptOut { config, action } => admin(&config, |admin| async move {
             match action {
                 OptOutAction::Add {

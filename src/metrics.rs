@@ -132,6 +132,11 @@ pub fn opt_out(action: &'static str, source: &'static str) {
     counter!("smsgw_opt_out_events_total", "action" => action, "source" => source).increment(1);
 }
 
+/// Rows removed by the retention purge, by kind.
+pub fn purged(kind: &'static str, count: u64) {
+    counter!("smsgw_purged_total", "kind" => kind).increment(count);
+}
+
 pub fn number_change(kind: &'static str) {
     counter!("smsgw_number_changes_total", "kind" => kind).increment(1);
 }

@@ -129,6 +129,26 @@ pub struct NumberHistory {
     pub suspect: bool,
 }
 
+/// What the retention purge removes: everything older than these times (ms).
+#[derive(Debug, Clone, Copy)]
+pub struct Cutoffs {
+    pub bodies_before: i64,
+    pub events_before: i64,
+    pub canceled_before: i64,
+    pub idempotency_before: i64,
+}
+
+/// What a purge removed (or, dry, would remove).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Purge {
+    pub message_bodies: u64,
+    pub inbound_bodies: u64,
+    pub webhooks: u64,
+    pub events: u64,
+    pub canceled_messages: u64,
+    pub idempotency_keys: u64,
+}
+
 /// What an erasure removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Erasure {
@@ -420,6 +440,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// When the earliest pending webhook is due (ms), if any.
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Removes what the retention periods say is too old, at most `limit` rows of each kind;
+    /// `dry_run` only counts.
+    async fn purge(&self, cutoffs: Cutoffs, limit: u32, dry_run: bool)
+    -> Result<Purge, StoreError>;
 
     /// Messages waiting, the creation time of the oldest (ms), and webhooks waiting.
     async fn backlog(&self) -> Result<(i64, Option<i64>, i64), StoreError>;

@@ -72,6 +72,11 @@ enum Op {
         account: String,
         number: String,
     },
+    Purge {
+        cutoffs: Cutoffs,
+        limit: u32,
+        dry_run: bool,
+    },
     Cancel {
         account: String,
         id: MessageId,
@@ -112,6 +117,7 @@ enum Reply {
     Count(u64),
     Webhooks(Vec<WebhookJob>),
     Erased(Erasure),
+    Purged(Purge),
     Done,
 }
 
@@ -214,6 +220,7 @@ fn unexpected(reply: Reply) -> StoreError {
         Reply::Count(_) => "count",
         Reply::Webhooks(_) => "webhooks",
         Reply::Erased(_) => "erased",
+        Reply::Purged(_) => "purged",
         Reply::Done => "done",
     };
     StoreError::Corrupt(format!("writer answered with an unexpected {kind} reply"))
@@ -487,6 +494,23 @@ impl Store for SqliteStore {
         Ok(due)
     }
 
+    async fn purge(
+        &self,
+        cutoffs: Cutoffs,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<Purge, StoreError> {
+        let op = Op::Purge {
+            cutoffs,
+            limit,
+            dry_run,
+        };
+        match self.call(op).await? {
+            Reply::Purged(purge) => Ok(purge),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn backlog(&self) -> Result<(i64, Option<i64>, i64), StoreError> {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM messages WHERE status IN ('queued', 'scheduled'))
@@ -633,6 +657,11 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         Op::ClearSuspect { number } => {
             Reply::Count(policy::clear_suspect(tx, number, now, wake).await?)
         }
+        Op::Purge {
+            cutoffs,
+            limit,
+            dry_run,
+        } => Reply::Purged(purge(tx, cutoffs, *limit, *dry_run).await?),
         Op::EraseSubject { account, number } => {
             Reply::Erased(policy::erase_subject(tx, account, number, wake).await?)
         }
@@ -1213,6 +1242,92 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
         wake.queue = true;
     }
     Ok(rows.len() as u64)
+}
+
+/// The retention purge. Ids are UUIDv7, so "created before" is an id range on the primary
+/// key and the purge never scans the whole history. A dry run does the same work inside a
+/// savepoint and rolls it back, so its counts are exact.
+async fn purge(
+    tx: &mut Tx<'_>,
+    cutoffs: &Cutoffs,
+    limit: u32,
+    dry_run: bool,
+) -> Result<Purge, StoreError> {
+    let id_before = |ms: i64| MessageId::first_at(ms).to_string();
+    let limit = limit as i64;
+    if dry_run {
+        sqlx::query("SAVEPOINT dry_run").execute(&mut **tx).await?;
+    }
+    let message_bodies = sqlx::query(
+        "UPDATE messages SET body = NULL WHERE id IN (
+             SELECT id FROM messages WHERE id < ?1 AND body IS NOT NULL
+               AND status NOT IN ('queued', 'scheduled', 'sending', 'held_suspect')
+             LIMIT ?2)",
+    )
+    .bind(id_before(cutoffs.bodies_before))
+    .bind(limit)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let inbound_bodies = sqlx::query(
+        "UPDATE inbound SET body = NULL WHERE id IN (
+             SELECT id FROM inbound WHERE id < ?1 AND body IS NOT NULL LIMIT ?2)",
+    )
+    .bind(id_before(cutoffs.bodies_before))
+    .bind(limit)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let webhooks = sqlx::query(
+        "DELETE FROM webhooks WHERE id IN (SELECT id FROM webhooks WHERE created_at < ?1 LIMIT ?2)",
+    )
+    .bind(cutoffs.bodies_before)
+    .bind(limit)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let events = sqlx::query(
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE message_id < ?1 LIMIT ?2)",
+    )
+    .bind(id_before(cutoffs.events_before))
+    .bind(limit)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let canceled =
+        sqlx::query("SELECT id FROM messages WHERE id < ?1 AND status = 'canceled' LIMIT ?2")
+            .bind(id_before(cutoffs.canceled_before))
+            .bind(limit)
+            .fetch_all(&mut **tx)
+            .await?;
+    for row in &canceled {
+        let id: String = row.try_get("id")?;
+        for statement in [
+            "DELETE FROM events WHERE message_id = ?1",
+            "DELETE FROM messages WHERE id = ?1",
+        ] {
+            sqlx::query(statement).bind(&id).execute(&mut **tx).await?;
+        }
+    }
+    let idempotency_keys = sqlx::query("DELETE FROM idempotency WHERE created_at < ?1")
+        .bind(cutoffs.idempotency_before)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if dry_run {
+        sqlx::query("ROLLBACK TO dry_run")
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("RELEASE dry_run").execute(&mut **tx).await?;
+    }
+    Ok(Purge {
+        message_bodies,
+        inbound_bodies,
+        webhooks,
+        events,
+        canceled_messages: canceled.len() as u64,
+        idempotency_keys,
+    })
 }
 
 async fn expire_overdue(tx: &mut Tx<'_>, now: i64, wake: &mut Wake) -> Result<u64, StoreError> {
