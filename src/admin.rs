@@ -85,6 +85,26 @@ impl Admin {
         ))
     }
 
+    /// Everything the account holds about a number, as the API's export shows it.
+    pub async fn subject_export(&self, account: &str, number: &str) -> Result<String, AdminError> {
+        self.policy(account)?;
+        let number = e164(number)?;
+        let export = self.store.export_subject(account, &number).await?;
+        let json = crate::api::policy::subject_json(&number, &export);
+        Ok(format!("{json:#}\n"))
+    }
+
+    /// Erases what the account holds about a number; an opt-out stays, pseudonymised.
+    pub async fn subject_erase(&self, account: &str, number: &str) -> Result<String, AdminError> {
+        self.policy(account)?;
+        let number = e164(number)?;
+        let e = self.store.erase_subject(account, &number).await?;
+        Ok(format!(
+            "erased {} messages, {} inbound, {} number changes; {} opt-outs kept pseudonymised\n",
+            e.messages, e.inbound, e.number_changes, e.suppressions_kept
+        ))
+    }
+
     pub async fn opt_out_add(
         &self,
         account: &str,

@@ -55,6 +55,13 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Export or erase what an account holds about a phone number (GDPR).
+    Subject {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: SubjectAction,
+    },
     /// Manage an account's opt-out list.
     OptOut {
         #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
@@ -68,6 +75,22 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         action: NumberChangeAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SubjectAction {
+    /// Print everything the account holds about the number, as JSON.
+    Export {
+        #[arg(long)]
+        account: String,
+        number: String,
+    },
+    /// Erase it; an opt-out stays as a pseudonymised suppression entry.
+    Erase {
+        #[arg(long)]
+        account: String,
+        number: String,
     },
 }
 
@@ -138,6 +161,16 @@ fn main() -> ExitCode {
         Command::Purge { config, dry_run } => {
             admin(&config, |admin| async move { admin.purge(dry_run).await })
         }
+        Command::Subject { config, action } => admin(&config, |admin| async move {
+            match action {
+                SubjectAction::Export { account, number } => {
+                    admin.subject_export(&account, &number).await
+                }
+                SubjectAction::Erase { account, number } => {
+                    admin.subject_erase(&account, &number).await
+                }
+            }
+        }),
         Command::OptOut { config, action } => admin(&config, |admin| async move {
             match action {
                 OptOutAction::Add {

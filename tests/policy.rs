@@ -458,3 +458,47 @@ async fn opt_outs_are_managed_imported_and_exported_through_the_api() {
     let (_, list) = gateway.get(KEY_A, "/v1/opt-outs").await;
     assert_eq!(list["opt_outs"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_subject_export_holds_everything_of_the_account_about_the_number_and_nothing_else() {
+    let (_dir, sim, gateway, _hooks) = setup(sim_config()).await;
+    let (_, sent) = gateway
+        .post(KEY_A, &message(HANDSET, "Your table is booked"))
+        .await;
+    gateway
+        .wait_status(KEY_A, sent["id"].as_str().unwrap(), "delivered")
+        .await;
+    gateway
+        .post(KEY_B, &message(HANDSET, "from account b"))
+        .await;
+    sim.handle.send_mo(HANDSET, OURS, "Thanks!").await.unwrap();
+    gateway
+        .post_json(
+            KEY_A,
+            "/v1/opt-outs",
+            &json!({ "number": HANDSET, "sender": "iP1" }),
+        )
+        .await;
+
+    let path = format!("/v1/subjects/{}/export", HANDSET.replace('+', "%2B"));
+    let export = eventually(
+        Duration::from_secs(10),
+        "the reply in the export",
+        || async {
+            let (_, export) = gateway.get(KEY_A, &path).await;
+            (export["inbound"].as_array().is_some_and(|i| !i.is_empty())).then_some(export)
+        },
+    )
+    .await;
+    assert_eq!(export["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(export["messages"][0]["text"], "Your table is booked");
+    assert!(export["messages"][0]["events"].as_array().unwrap().len() >= 4);
+    assert_eq!(export["inbound"][0]["text"], "Thanks!");
+    assert_eq!(export["opt_outs"][0]["sender"], "iP1");
+
+    let (_, export_b) = gateway.get(KEY_B, &path).await;
+    assert_eq!(export_b["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(export_b["messages"][0]["text"], "from account b");
+    assert!(export_b["inbound"].as_array().unwrap().is_empty());
+    assert!(export_b["opt_outs"].as_array().unwrap().is_empty());
+}

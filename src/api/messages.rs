@@ -549,7 +549,7 @@ pub async fn cancel(
     }
 }
 
-fn view_json(m: &MessageView, with_events: bool) -> Value {
+pub(super) fn view_json(m: &MessageView, with_events: bool) -> Value {
     let mut value = json!({
         "id": m.id.to_string(),
         "reference": m.reference,

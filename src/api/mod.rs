@@ -55,6 +55,7 @@ pub fn router(state: AppState) -> Router {
             delete(policy::clear_suspect),
         )
         .route("/v1/subjects/{number}", delete(policy::erase_subject))
+        .route("/v1/subjects/{number}/export", get(policy::export_subject))
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::{AppState, authenticate};
 use crate::message::{Msisdn, Sender, now_ms, rfc3339};
 use crate::policy::number_change::{self, ChangeKind};
-use crate::store::{AccountPolicy, NumberChange, OptOut, OptOutSource};
+use crate::store::{AccountPolicy, NumberChange, OptOut, OptOutSource, SubjectExport};
 
 fn number(text: &str, field: &str) -> Result<String, ApiError> {
     Msisdn::parse(text)
@@ -389,6 +389,51 @@ pub async fn clear_suspect(
     let number = number(&number_text, "number")?;
     let cleared = state.store.clear_suspect(&number).await?;
     Ok(Json(json!({ "number": number, "cleared": cleared })))
+}
+
+/// Everything the account holds about a number (GDPR art. 15): its messages with their texts
+/// and histories, the replies received from it, its opt-outs and number changes.
+pub async fn export_subject(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(number_text): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let number = number(&number_text, "number")?;
+    let export = state.store.export_subject(&account.name, &number).await?;
+    Ok(Json(subject_json(&number, &export)))
+}
+
+pub fn subject_json(number: &str, export: &SubjectExport) -> Value {
+    let messages: Vec<Value> = export
+        .messages
+        .iter()
+        .map(|m| {
+            let mut value = super::messages::view_json(m, true);
+            value["text"] = json!(m.body);
+            value
+        })
+        .collect();
+    let inbound: Vec<Value> = export
+        .inbound
+        .iter()
+        .map(|i| json!({ "id": i.id, "to": i.to, "text": i.body, "received_at": rfc3339(i.received_at) }))
+        .collect();
+    let opt_outs: Vec<Value> = export.opt_outs.iter().map(opt_out_json).collect();
+    let changes: Vec<Value> = export
+        .number
+        .changes
+        .iter()
+        .map(|(c, _)| json!({ "kind": c.kind.as_str(), "effective_at": rfc3339(c.effective_at), "source": c.source }))
+        .collect();
+    json!({
+        "number": number,
+        "messages": messages,
+        "inbound": inbound,
+        "opt_outs": opt_outs,
+        "number_changes": changes,
+        "suspect": export.number.suspect,
+    })
 }
 
 /// Erases what the account holds about a number; an opt-out stays, pseudonymised.

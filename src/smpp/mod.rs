@@ -48,6 +48,9 @@ impl Carrier {
         let (jobs, rx) = mpsc::channel(config.binds * config.window);
         let rx = Arc::new(Mutex::new(rx));
         let health = Arc::new(CarrierHealth::default());
+        // Series exist from the start, so "no bind ever came up" is visible too.
+        crate::metrics::binds_up(&config.name, 0);
+        crate::metrics::bind_credentials_refused(&config.name, false);
         for index in 0..config.binds {
             tracker.spawn(session::run(session::Bind {
                 carrier: config.clone(),

@@ -154,7 +154,7 @@ pub async fn run(bind: Bind) {
                 bind.health
                     .credentials_refused
                     .store(true, Ordering::SeqCst);
-                metrics::bind_credentials_refused(&carrier.name);
+                metrics::bind_credentials_refused(&carrier.name, true);
                 return;
             }
             Err(e) => {

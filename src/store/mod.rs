@@ -238,8 +238,28 @@ pub struct MessageView {
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: i64,
-    /// Filled by `get_message` only.
+    /// The text, until the retention purge removes it. Shown only in a subject export.
+    pub body: Option<String>,
+    /// Filled by `get_message` and `export_subject` only.
     pub events: Vec<EventView>,
+}
+
+/// An inbound SMS as an export shows it.
+#[derive(Debug, Clone)]
+pub struct InboundView {
+    pub id: String,
+    pub to: String,
+    pub body: Option<String>,
+    pub received_at: i64,
+}
+
+/// Everything an account holds about one number (GDPR art. 15).
+#[derive(Debug, Clone, Default)]
+pub struct SubjectExport {
+    pub messages: Vec<MessageView>,
+    pub inbound: Vec<InboundView>,
+    pub opt_outs: Vec<OptOut>,
+    pub number: NumberHistory,
 }
 
 #[derive(Debug, Clone)]
@@ -376,6 +396,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Clears a suspect number: its held messages are queued again.
     async fn clear_suspect(&self, number: &str) -> Result<bool, StoreError>;
+
+    /// Everything the account holds about a number.
+    async fn export_subject(
+        &self,
+        account: &str,
+        number: &str,
+    ) -> Result<SubjectExport, StoreError>;
 
     /// Erases what the account holds about a number, keeping opt-outs pseudonymised.
     async fn erase_subject(&self, account: &str, number: &str) -> Result<Erasure, StoreError>;

@@ -32,6 +32,7 @@ const EARLY_RECEIPT_TTL_MS: i64 = 24 * 3600 * 1000;
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     readers: SqlitePool,
+    rules: Arc<StoreRules>,
     signals: Arc<Signals>,
     stop: CancellationToken,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -177,17 +178,19 @@ impl SqliteStore {
         let signals = Arc::new(Signals::default());
         let (jobs, rx) = mpsc::channel(max_batch * 4);
         let stop = CancellationToken::new();
+        let rules = Arc::new(rules);
         let handle = tokio::spawn(run_writer(
             writer,
             rx,
             max_batch,
             signals.clone(),
-            Arc::new(rules),
+            rules.clone(),
             stop.clone(),
         ));
         Ok(SqliteStore {
             jobs,
             readers,
+            rules,
             signals,
             stop,
             writer: Mutex::new(Some(handle)),
@@ -201,6 +204,24 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn events_of(&self, id: MessageId) -> Result<Vec<EventView>, StoreError> {
+        let events =
+            sqlx::query("SELECT at, status, detail FROM events WHERE message_id = ?1 ORDER BY id")
+                .bind(id.to_string())
+                .fetch_all(&self.readers)
+                .await?;
+        events
+            .iter()
+            .map(|e| {
+                Ok(EventView {
+                    at: e.try_get("at")?,
+                    status: parse_status(&e.try_get::<String, _>("status")?)?,
+                    detail: e.try_get("detail")?,
+                })
+            })
+            .collect()
     }
 
     async fn count(&self, op: Op) -> Result<u64, StoreError> {
@@ -311,6 +332,31 @@ impl Store for SqliteStore {
         self.count(op).await.map(|n| n > 0)
     }
 
+    async fn export_subject(
+        &self,
+        account: &str,
+        number: &str,
+    ) -> Result<SubjectExport, StoreError> {
+        let rows = sqlx::query("SELECT * FROM messages WHERE account = ?1 AND recipient = ?2")
+            .bind(account)
+            .bind(number)
+            .fetch_all(&self.readers)
+            .await?;
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut view = view_from_row(row)?;
+            view.events = self.events_of(view.id).await?;
+            messages.push(view);
+        }
+        let key = self.rules.number_key(number);
+        Ok(SubjectExport {
+            messages,
+            inbound: policy::inbound_from(&self.readers, account, number).await?,
+            opt_outs: policy::opt_outs_of(&self.readers, account, &key).await?,
+            number: policy::number_history(&self.readers, account, number).await?,
+        })
+    }
+
     async fn erase_subject(&self, account: &str, number: &str) -> Result<Erasure, StoreError> {
         let op = Op::EraseSubject {
             account: account.to_owned(),
@@ -350,21 +396,7 @@ impl Store for SqliteStore {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let mut view = view_from_row(&row)?;
-        let events =
-            sqlx::query("SELECT at, status, detail FROM events WHERE message_id = ?1 ORDER BY id")
-                .bind(id.to_string())
-                .fetch_all(&self.readers)
-                .await?;
-        view.events = events
-            .iter()
-            .map(|e| {
-                Ok(EventView {
-                    at: e.try_get("at")?,
-                    status: parse_status(&e.try_get::<String, _>("status")?)?,
-                    detail: e.try_get("detail")?,
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
+        view.events = self.events_of(id).await?;
         Ok(Some(view))
     }
 
@@ -1528,6 +1560,7 @@ fn view_from_row(row: &SqliteRow) -> Result<MessageView, StoreError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         expires_at: row.try_get("expires_at")?,
+        body: row.try_get("body")?,
         events: Vec::new(),
     })
 }

@@ -11,8 +11,8 @@ use crate::message::{Category, MessageId, Status, rfc3339};
 use crate::policy::number_change::{self, ChangeEvent, ChangeKind, NumberDecision};
 use crate::policy::opt_out::{self, Keyword, SendDecision};
 use crate::store::{
-    AccountPolicy, Erasure, InboundOwner, NewMessage, NumberChange, NumberHistory, OptOut,
-    OptOutSource, StoreError,
+    AccountPolicy, Erasure, InboundOwner, InboundView, NewMessage, NumberChange, NumberHistory,
+    OptOut, OptOutSource, StoreError,
 };
 
 /// Number changes followed in a row before a message is refused instead.
@@ -421,6 +421,60 @@ async fn journal(
     Ok(())
 }
 
+/// The account's opt-outs of one number (every sender scope).
+pub(super) async fn opt_outs_of(
+    readers: &SqlitePool,
+    account: &str,
+    key: &str,
+) -> Result<Vec<OptOut>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT number_key, number, sender, source, created_at FROM opt_outs
+         WHERE account = ?1 AND number_key = ?2 ORDER BY sender",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_all(readers)
+    .await?;
+    rows.iter().map(opt_out_from_row).collect()
+}
+
+fn opt_out_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OptOut, StoreError> {
+    let sender: String = r.try_get("sender")?;
+    Ok(OptOut {
+        number: r.try_get("number")?,
+        number_key: r.try_get("number_key")?,
+        sender: (!sender.is_empty()).then_some(sender),
+        source: r.try_get("source")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// Inbound SMS the account received from a number.
+pub(super) async fn inbound_from(
+    readers: &SqlitePool,
+    account: &str,
+    number: &str,
+) -> Result<Vec<InboundView>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, recipient, body, received_at FROM inbound
+         WHERE account = ?1 AND sender = ?2 ORDER BY id",
+    )
+    .bind(account)
+    .bind(number)
+    .fetch_all(readers)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(InboundView {
+                id: r.try_get("id")?,
+                to: r.try_get("recipient")?,
+                body: r.try_get("body")?,
+                received_at: r.try_get("received_at")?,
+            })
+        })
+        .collect()
+}
+
 pub(super) async fn list_opt_outs(
     readers: &SqlitePool,
     account: &str,
@@ -442,18 +496,7 @@ pub(super) async fn list_opt_outs(
     .bind(limit as i64)
     .fetch_all(readers)
     .await?;
-    rows.iter()
-        .map(|r| {
-            let sender: String = r.try_get("sender")?;
-            Ok(OptOut {
-                number: r.try_get("number")?,
-                number_key: r.try_get("number_key")?,
-                sender: (!sender.is_empty()).then_some(sender),
-                source: r.try_get("source")?,
-                created_at: r.try_get("created_at")?,
-            })
-        })
-        .collect()
+    rows.iter().map(opt_out_from_row).collect()
 }
 
 /// Records number changes and applies those in effect to the waiting messages for the
