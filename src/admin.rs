@@ -15,6 +15,12 @@ use crate::store::{AccountPolicy, NumberChange, OptOutSource, Store, StoreError,
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    #[error(
+        "the admin API at {url} did not answer ({source}); is the gateway running, with [admin] enabled?"
+    )]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("the admin API answered {status}: {body}")]
+    Refused { status: u16, body: String },
     #[error("no account named `{0}` in the configuration")]
     UnknownAccount(String),
     #[error("{0}")]
@@ -26,6 +32,34 @@ pub enum AdminError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Calls the running daemon's admin API (`[admin] listen`) and returns its answer, pretty.
+pub async fn call_daemon(config: &Config, post: bool, path: &str) -> Result<String, AdminError> {
+    let url = format!("http://{}{path}", config.admin.listen);
+    let client = reqwest::Client::new();
+    let request = if post {
+        client.post(&url)
+    } else {
+        client.get(&url)
+    };
+    let response = request
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|source| AdminError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    if !(200..300).contains(&status) {
+        return Err(AdminError::Refused { status, body });
+    }
+    let pretty = serde_json::from_str::<serde_json::Value>(&body)
+        .map(|v| format!("{v:#}"))
+        .unwrap_or(body);
+    Ok(format!("{pretty}\n"))
 }
 
 /// The store and accounts of a configuration, for one command.

@@ -57,7 +57,7 @@ impl Dispatcher {
                 next_expiry = Instant::now() + EXPIRY_SWEEP;
             }
             // With no bind up, claiming would only bounce messages back to the queue.
-            let room = if this.router.any_bound() {
+            let room = if this.router.any_usable() {
                 this.config.max_in_flight.saturating_sub(in_flight.len())
             } else {
                 0
@@ -75,7 +75,7 @@ impl Dispatcher {
                     Ok(_) => wait = this.until_next_due().await,
                     Err(e) => error!(error = %e, "claiming due messages failed"),
                 }
-            } else if !this.router.any_bound() {
+            } else if !this.router.any_usable() {
                 wait = NO_CARRIER_POLL;
             }
             tokio::select! {

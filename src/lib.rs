@@ -14,35 +14,38 @@ pub mod message;
 pub mod metrics;
 pub mod policy;
 pub mod receipt;
+pub mod reload;
 pub mod retention;
 pub mod router;
 pub mod sim;
 pub mod smpp;
 pub mod store;
+pub mod systemd;
 pub mod webhook;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::AppState;
-use crate::api::auth::Accounts;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::router::Router;
 use crate::smpp::Carrier;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{AccountPolicy, Store, StoreError, StoreRules};
+use crate::store::{Store, StoreError, StoreRules};
 use crate::webhook::WebhookSender;
 
 /// Sockets the daemon serves on, bound by the caller (tests bind port 0).
 pub struct Listeners {
     pub http: TcpListener,
+    /// The operators' API; None when disabled.
+    pub admin: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,17 @@ pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    run_with_reloads(config, listeners, shutdown, mpsc::channel(1).1).await
+}
+
+/// [`run`], taking new configurations (validated by the caller, e.g. on SIGHUP) from
+/// `reloads`: accounts and policy change at once; what needs a restart is logged.
+pub async fn run_with_reloads(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
     let rules = StoreRules {
         pseudonyms: message::Pseudonymizer::new(config.privacy.pseudonym_key.expose().as_bytes()),
@@ -96,7 +110,7 @@ pub async fn run(
 
     let binds = TaskTracker::new();
     let simulators = CancellationToken::new();
-    let inbound = Arc::new(inbound_routes(&config));
+    let live = reload::live(&config);
     let mut carriers = Vec::new();
     for carrier in &config.carriers {
         let address = match (&carrier.simulator, &carrier.address) {
@@ -110,7 +124,7 @@ pub async fn run(
             (None, Some(address)) => address.clone(),
             (None, None) => continue,
         };
-        let deliver = receipt::handler(store.clone(), carrier.name.clone(), inbound.clone());
+        let deliver = receipt::handler(store.clone(), carrier.name.clone(), live.clone());
         carriers.push(Arc::new(Carrier::start(
             carrier.clone(),
             address,
@@ -134,11 +148,7 @@ pub async fn run(
     let webhooks = tokio::spawn(
         WebhookSender {
             store: store.clone(),
-            secrets: config
-                .accounts
-                .iter()
-                .filter_map(|a| Some((a.name.clone(), a.webhook_secret.clone()?.0)))
-                .collect(),
+            live: live.clone(),
             client: WebhookSender::client(&config.webhooks),
             config: config.webhooks.clone(),
         }
@@ -147,19 +157,56 @@ pub async fn run(
 
     let state = AppState {
         store: store.clone(),
-        accounts: Arc::new(Accounts::from_config(&config.accounts)),
+        live: live.clone(),
         carriers: router,
         http: Arc::new(config.http.clone()),
         messages: Arc::new(config.messages.clone()),
-        policy: Arc::new(config.policy.clone()),
         prometheus,
     };
+    let running = config.clone();
+    tokio::spawn(async move {
+        while let Some(new) = reloads.recv().await {
+            reload::apply(&live, &running, &new);
+        }
+    });
+    if let Some(admin) = listeners.admin {
+        let address = admin.local_addr().map_err(RunError::Http)?;
+        info!(%address, "admin API listening");
+        let state = api::admin::AdminState {
+            store: store.clone(),
+            carriers: state.carriers.clone(),
+            messages: state.messages.clone(),
+            pseudonyms: message::Pseudonymizer::new(
+                config.privacy.pseudonym_key.expose().as_bytes(),
+            ),
+        };
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(admin, api::admin::router(state))
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+    }
     let address = listeners.http.local_addr().map_err(RunError::Http)?;
     info!(%address, "HTTP API listening");
+    // systemd (no-ops unless started by it): the watchdog is fed while the store answers and
+    // the dispatcher and webhook sender run; READY once the store is open and the API serves.
+    let tasks = vec![
+        ("dispatcher", dispatcher.abort_handle()),
+        ("webhooks", webhooks.abort_handle()),
+    ];
+    systemd::supervise(
+        store.clone(),
+        state.carriers.clone(),
+        tasks,
+        shutdown.clone(),
+    );
+    systemd::ready(&format!("HTTP API on {address}"));
     let served = axum::serve(listeners.http, api::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
 
+    systemd::stopping();
     info!("shutting down: draining binds");
     let _ = dispatcher.await;
     binds.wait().await;
@@ -183,27 +230,6 @@ async fn sample_backlog(store: Arc<dyn Store>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
     }
-}
-
-/// Which account an inbound SMS belongs to, by the number or sender id it was sent to, and
-/// that account's webhook.
-fn inbound_routes(config: &Config) -> HashMap<String, store::InboundOwner> {
-    let mut routes = HashMap::new();
-    for account in &config.accounts {
-        let owner = store::InboundOwner {
-            account: account.name.clone(),
-            webhook_url: account.webhook_url.clone(),
-            keywords: Arc::new(account.keywords.clone()),
-            policy: AccountPolicy {
-                service_messages: account.service_messages,
-                follow_number_changes: account.follow_number_changes,
-            },
-        };
-        for sender in &account.senders {
-            routes.insert(sender.trim_start_matches('+').to_owned(), owner.clone());
-        }
-    }
-    routes
 }
 
 async fn start_simulator(

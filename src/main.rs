@@ -55,6 +55,25 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Show the running gateway: binds, windows, rates, queue depth (admin API).
+    Status {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+    },
+    /// The running gateway's queue across accounts (admin API).
+    Queue {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Pause or resume a carrier of the running gateway (admin API).
+    Carriers {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: CarrierAction,
+    },
     /// Export or erase what an account holds about a phone number (GDPR).
     Subject {
         #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
@@ -75,6 +94,32 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         action: NumberChangeAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Messages in one status (default queued), oldest due first; numbers as pseudonyms.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Send a failed, expired, unknown or undelivered message again.
+    Retry { id: String },
+    /// Cancel a waiting message.
+    Cancel { id: String },
+}
+
+#[derive(Subcommand)]
+enum CarrierAction {
+    /// Stop giving the carrier new messages; its binds stay up.
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
     },
 }
 
@@ -161,6 +206,31 @@ fn main() -> ExitCode {
         Command::Purge { config, dry_run } => {
             admin(&config, |admin| async move { admin.purge(dry_run).await })
         }
+        Command::Status { config } => daemon(&config, false, "/admin/status".into()),
+        Command::Queue { config, action } => match action {
+            QueueAction::List { status, limit } => {
+                let mut query = vec![];
+                if let Some(status) = status {
+                    query.push(format!("status={status}"));
+                }
+                if let Some(limit) = limit {
+                    query.push(format!("limit={limit}"));
+                }
+                daemon(&config, false, format!("/admin/queue?{}", query.join("&")))
+            }
+            QueueAction::Retry { id } => daemon(&config, true, format!("/admin/queue/{id}/retry")),
+            QueueAction::Cancel { id } => {
+                daemon(&config, true, format!("/admin/queue/{id}/cancel"))
+            }
+        },
+        Command::Carriers { config, action } => match action {
+            CarrierAction::Pause { name } => {
+                daemon(&config, true, format!("/admin/carriers/{name}/pause"))
+            }
+            CarrierAction::Resume { name } => {
+                daemon(&config, true, format!("/admin/carriers/{name}/resume"))
+            }
+        },
         Command::Subject { config, action } => admin(&config, |admin| async move {
             match action {
                 SubjectAction::Export { account, number } => {
@@ -237,11 +307,33 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let http = TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+        let admin = match config.admin.enabled {
+            true => Some(
+                TcpListener::bind(config.admin.listen)
+                    .await
+                    .with_context(|| {
+                        format!("admin.listen: cannot listen on {}", config.admin.listen)
+                    })?,
+            ),
+            false => None,
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        smsgw::run(config, smsgw::Listeners { http }, shutdown).await?;
+        let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reload_on_hangup(path.to_owned(), reloads));
+        let listeners = smsgw::Listeners { http, admin };
+        smsgw::run_with_reloads(config, listeners, shutdown, reloaded).await?;
         Ok(())
     })
+}
+
+/// Asks the running daemon's admin API and prints its answer.
+fn daemon(path: &Path, post: bool, route: String) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let answer = runtime.block_on(smsgw::admin::call_daemon(&config, post, &route))?;
+    print!("{answer}");
+    Ok(())
 }
 
 /// Runs one admin command against the store of a configuration and prints its answer.
@@ -299,6 +391,33 @@ fn sim(listen: SocketAddr, path: Option<&Path>) -> anyhow::Result<()> {
         stop_on_signal(shutdown).await;
         Ok(())
     })
+}
+
+/// On SIGHUP, reads the configuration again; a valid one is applied, an invalid one is
+/// refused with its problems and the running configuration stays.
+async fn reload_on_hangup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload by restarting");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(config) => {
+                    if reloads.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused; the running configuration stays")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, reloads);
 }
 
 /// Cancels `shutdown` on SIGTERM or ctrl-c.

@@ -82,8 +82,11 @@ pub fn binds_up(carrier: &str, up: usize) {
 
 /// 1 when a bind of the carrier was refused for its credentials and stopped: alert on it.
 pub fn bind_credentials_refused(carrier: &str, refused: bool) {
-    gauge!("smsgw_bind_credentials_refused", "carrier" => carrier.to_owned())
-        .set(if refused { 1.0 } else { 0.0 });
+    gauge!("smsgw_bind_credentials_refused", "carrier" => carrier.to_owned()).set(if refused {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// A link lost or a bind failed, by a short reason.

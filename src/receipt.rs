@@ -344,13 +344,13 @@ pub fn normalize_id(id: &str) -> String {
 pub fn handler(
     store: Arc<dyn Store>,
     carrier: String,
-    inbound: Arc<HashMap<String, InboundOwner>>,
+    live: crate::reload::Live,
 ) -> crate::smpp::DeliverHandler {
     Arc::new(move |pdu: DeliverSm| {
         let store = store.clone();
         let carrier = carrier.clone();
-        let inbound = inbound.clone();
-        async move { handle(&*store, &carrier, &inbound, &pdu).await }.boxed()
+        let live = live.clone();
+        async move { handle(&*store, &carrier, &live.load().inbound, &pdu).await }.boxed()
     })
 }
 

@@ -23,14 +23,19 @@ impl Router {
         &self.carriers
     }
 
-    pub fn any_bound(&self) -> bool {
-        self.carriers.iter().any(|c| c.is_bound())
+    /// Some carrier can take messages now.
+    pub fn any_usable(&self) -> bool {
+        self.carriers.iter().any(|c| c.is_usable())
     }
 
-    /// A carrier with a live bind, taking turns between them; `None` when none is bound, so
+    pub fn find(&self, name: &str) -> Option<&Arc<Carrier>> {
+        self.carriers.iter().find(|c| c.name == name)
+    }
+
+    /// A carrier with a live bind that is not paused, taking turns between them; `None` when none is bound, so
     /// the message waits in the store rather than in a dead link's queue.
     pub fn route(&self) -> Option<&Arc<Carrier>> {
-        let bound: Vec<bool> = self.carriers.iter().map(|c| c.is_bound()).collect();
+        let bound: Vec<bool> = self.carriers.iter().map(|c| c.is_usable()).collect();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         pick(&bound, start).map(|i| &self.carriers[i])
     }

@@ -5,7 +5,6 @@
 //! `"<t>.<body>"` with the account's webhook secret. Receivers check the signature and reject
 //! old timestamps, which stops replays ([`verify`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +26,8 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 
 pub struct WebhookSender {
     pub store: Arc<dyn Store>,
-    /// Webhook secret per account.
-    pub secrets: HashMap<String, String>,
+    /// Webhook secrets per account, among the reloadable settings.
+    pub live: crate::reload::Live,
     pub config: WebhooksConfig,
     pub client: reqwest::Client,
 }
@@ -128,8 +127,9 @@ impl WebhookSender {
     }
 
     async fn post(&self, job: &WebhookJob) -> Result<(), String> {
-        let secret = self
-            .secrets
+        let live = self.live.load();
+        let secret = live
+            .webhook_secrets
             .get(&job.account)
             .map(String::as_str)
             .unwrap_or("");

@@ -2,6 +2,8 @@
 //! so a fast hash is enough (a slow password hash would only invite denial of service); the
 //! configuration holds only hashes, and every comparison is in constant time.
 
+use std::sync::Arc;
+
 use axum::http::HeaderMap;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -32,36 +34,41 @@ impl Account {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Accounts(Vec<Account>);
+pub struct Accounts(Vec<Arc<Account>>);
 
 impl Accounts {
     pub fn from_config(accounts: &[AccountConfig]) -> Accounts {
         Accounts(
             accounts
                 .iter()
-                .map(|a| Account {
-                    name: a.name.clone(),
-                    webhook_url: a.webhook_url.clone(),
-                    can_sign_webhooks: a.webhook_secret.is_some(),
-                    service_messages: a.service_messages,
-                    follow_number_changes: a.follow_number_changes,
-                    default_consent_at: a.default_consent_at.as_deref().and_then(parse_rfc3339_ms),
-                    senders: a
-                        .senders
-                        .iter()
-                        .map(|s| s.trim_start_matches('+').to_owned())
-                        .collect(),
-                    key_hashes: a
-                        .api_keys
-                        .iter()
-                        .filter_map(|h| parse_key_hash(h))
-                        .collect(),
+                .map(|a| {
+                    Arc::new(Account {
+                        name: a.name.clone(),
+                        webhook_url: a.webhook_url.clone(),
+                        can_sign_webhooks: a.webhook_secret.is_some(),
+                        service_messages: a.service_messages,
+                        follow_number_changes: a.follow_number_changes,
+                        default_consent_at: a
+                            .default_consent_at
+                            .as_deref()
+                            .and_then(parse_rfc3339_ms),
+                        senders: a
+                            .senders
+                            .iter()
+                            .map(|s| s.trim_start_matches('+').to_owned())
+                            .collect(),
+                        key_hashes: a
+                            .api_keys
+                            .iter()
+                            .filter_map(|h| parse_key_hash(h))
+                            .collect(),
+                    })
                 })
                 .collect(),
         )
     }
 
-    pub fn find(&self, name: &str) -> Option<&Account> {
+    pub fn find(&self, name: &str) -> Option<&Arc<Account>> {
         self.0.iter().find(|a| a.name == name)
     }
 
@@ -76,7 +83,7 @@ impl Accounts {
 
     /// The account of the `Authorization: Bearer` key, if any. Every configured hash is
     /// compared, so the time taken does not tell which account or how many bytes matched.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Option<&Account> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Account>> {
         let value = headers
             .get(axum::http::header::AUTHORIZATION)?
             .to_str()
@@ -93,7 +100,7 @@ impl Accounts {
         for account in &self.0 {
             for hash in &account.key_hashes {
                 if bool::from(hash.ct_eq(&presented)) {
-                    found = Some(account);
+                    found = Some(account.clone());
                 }
             }
         }

@@ -78,8 +78,8 @@ pub async fn submit(
     {
         return replay(first, &request_hash);
     }
-    let parsed =
-        build(&state, account, &bytes).inspect_err(|e| metrics::rejected(&account.name, e.code))?;
+    let parsed = build(&state, &account, &bytes)
+        .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
     let idempotency = idempotency_key.map(|key| IdempotencyRequest {
         key,

@@ -1,5 +1,6 @@
 //! The HTTP API (v1): every route in one table, the shared state, and authentication.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 mod messages;
@@ -17,20 +18,20 @@ use serde_json::json;
 use axum::body::{Body, Bytes};
 use serde::de::DeserializeOwned;
 
-use crate::config::{HttpConfig, MessagesConfig, PolicyConfig};
+use crate::config::{HttpConfig, MessagesConfig};
 use crate::router::Router as CarrierRouter;
 use crate::store::Store;
-use auth::{Account, Accounts};
+use auth::Account;
 use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
-    pub accounts: Arc<Accounts>,
+    /// Accounts and policy settings; a reload replaces them.
+    pub live: crate::reload::Live,
     pub carriers: Arc<CarrierRouter>,
     pub http: Arc<HttpConfig>,
     pub messages: Arc<MessagesConfig>,
-    pub policy: Arc<PolicyConfig>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -64,8 +65,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Account, ApiError> {
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Account>, ApiError> {
     state
+        .live
+        .load()
         .accounts
         .authenticate(headers)
         .ok_or_else(ApiError::unauthorized)

@@ -79,8 +79,8 @@ pub async fn add_opt_out(
         .add_opt_outs(
             &account.name,
             entries,
-            by_api(account),
-            account_policy(account),
+            by_api(&account),
+            account_policy(&account),
         )
         .await?;
     let status = if added > 0 {
@@ -109,7 +109,7 @@ pub async fn remove_opt_out(
     let sender = sender(query.sender.as_deref())?;
     let removed = state
         .store
-        .remove_opt_out(&account.name, &number, sender, by_api(account))
+        .remove_opt_out(&account.name, &number, sender, by_api(&account))
         .await?;
     if removed == 0 {
         return Err(ApiError::new(
@@ -218,7 +218,7 @@ pub async fn import_opt_outs(
                 source: "import",
                 actor: Some(account.name.clone()),
             },
-            account_policy(account),
+            account_policy(&account),
         )
         .await?;
     Ok(Json(json!({ "imported": imported, "errors": errors })))
@@ -274,11 +274,14 @@ pub async fn add_number_change(
         request,
         Some(account.name.clone()),
         "api",
-        state.policy.max_backdate,
+        state.live.load().policy.max_backdate,
     )?;
     let affected = state
         .store
-        .add_number_changes(vec![change.clone()], state.accounts.following_changes())
+        .add_number_changes(
+            vec![change.clone()],
+            state.live.load().accounts.following_changes(),
+        )
         .await?;
     let body = json!({
         "number": change.number,

@@ -26,6 +26,7 @@ pub use session::{CarrierHealth, DeliverHandler, SubmitJob, SubmitOutcome};
 /// A carrier: the queue its binds take submits from, and their health.
 pub struct Carrier {
     pub name: String,
+    config: Arc<CarrierConfig>,
     jobs: mpsc::Sender<SubmitJob>,
     pub health: Arc<CarrierHealth>,
     /// How long a segment may wait for a bind to take it.
@@ -64,6 +65,7 @@ impl Carrier {
         }
         Carrier {
             name: config.name.clone(),
+            config: config.clone(),
             jobs,
             health,
             queue_wait: config.response_timeout,
@@ -75,6 +77,15 @@ impl Carrier {
 
     pub fn is_bound(&self) -> bool {
         self.health.bound.load(Ordering::SeqCst) > 0
+    }
+
+    /// Bound and not paused: the router may send it messages.
+    pub fn is_usable(&self) -> bool {
+        self.is_bound() && !self.health.paused.load(Ordering::SeqCst)
+    }
+
+    pub fn config(&self) -> &CarrierConfig {
+        &self.config
     }
 
     /// Submits one segment and waits for its outcome, for a bounded time: a segment no bind

@@ -73,6 +73,8 @@ pub struct CarrierHealth {
     pub bound: AtomicUsize,
     /// A bind was refused for its credentials and has stopped.
     pub credentials_refused: AtomicBool,
+    /// Paused by an operator: bound, but the router sends it nothing new.
+    pub paused: AtomicBool,
 }
 
 /// Everything one bind task needs.

@@ -224,6 +224,7 @@ pub enum CancelResult {
 #[derive(Debug, Clone)]
 pub struct MessageView {
     pub id: MessageId,
+    pub account: String,
     pub reference: Option<String>,
     pub recipient: String,
     pub sender: String,
@@ -396,6 +397,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Clears a suspect number: its held messages are queued again.
     async fn clear_suspect(&self, number: &str) -> Result<bool, StoreError>;
+
+    /// Messages of every account in one status, oldest due first (operators' queue view).
+    async fn queue(&self, status: Status, limit: u32) -> Result<Vec<MessageView>, StoreError>;
+
+    /// Sends a message that ended (failed, expired, unknown, undelivered) once more, valid until
+    /// `expires_at`. False when it is not in such a state.
+    async fn retry(&self, id: MessageId, expires_at: i64) -> Result<bool, StoreError>;
+
+    /// Cancels a waiting message of any account (operators).
+    async fn cancel_any(&self, id: MessageId) -> Result<CancelResult, StoreError>;
 
     /// Everything the account holds about a number.
     async fn export_subject(

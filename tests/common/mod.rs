@@ -67,6 +67,7 @@ pub fn sim_config() -> SimConfig {
 /// A running gateway.
 pub struct Gateway {
     pub url: String,
+    pub admin_url: String,
     pub db: PathBuf,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), smsgw::RunError>>>,
@@ -128,15 +129,21 @@ impl Gateway {
     pub async fn start(config: Config) -> Gateway {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", http.local_addr().unwrap());
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let db = config.store.path.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(smsgw::run(
             config,
-            smsgw::Listeners { http },
+            smsgw::Listeners {
+                http,
+                admin: Some(admin),
+            },
             shutdown.clone(),
         ));
         let gateway = Gateway {
             url,
+            admin_url,
             db,
             shutdown,
             task: Some(task),

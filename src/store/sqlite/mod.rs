@@ -69,6 +69,13 @@ enum Op {
     ClearSuspect {
         number: String,
     },
+    Retry {
+        id: MessageId,
+        expires_at: i64,
+    },
+    CancelAny {
+        id: MessageId,
+    },
     EraseSubject {
         account: String,
         number: String,
@@ -330,6 +337,28 @@ impl Store for SqliteStore {
             number: number.to_owned(),
         };
         self.count(op).await.map(|n| n > 0)
+    }
+
+    async fn queue(&self, status: Status, limit: u32) -> Result<Vec<MessageView>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM messages WHERE status = ?1 ORDER BY due_at LIMIT ?2")
+            .bind(status.as_str())
+            .bind(limit as i64)
+            .fetch_all(&self.readers)
+            .await?;
+        rows.iter().map(view_from_row).collect()
+    }
+
+    async fn retry(&self, id: MessageId, expires_at: i64) -> Result<bool, StoreError> {
+        self.count(Op::Retry { id, expires_at })
+            .await
+            .map(|n| n > 0)
+    }
+
+    async fn cancel_any(&self, id: MessageId) -> Result<CancelResult, StoreError> {
+        match self.call(Op::CancelAny { id }).await? {
+            Reply::Cancel(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn export_subject(
@@ -686,6 +715,8 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         Op::AddNumberChanges { changes, follow } => {
             Reply::Count(policy::add_number_changes(tx, changes, follow, now, wake).await?)
         }
+        Op::Retry { id, expires_at } => Reply::Count(retry(tx, *id, *expires_at, now, wake).await?),
+        Op::CancelAny { id } => Reply::Cancel(cancel(tx, None, *id, now, wake).await?),
         Op::ClearSuspect { number } => {
             Reply::Count(policy::clear_suspect(tx, number, now, wake).await?)
         }
@@ -697,7 +728,9 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         Op::EraseSubject { account, number } => {
             Reply::Erased(policy::erase_subject(tx, account, number, wake).await?)
         }
-        Op::Cancel { account, id } => Reply::Cancel(cancel(tx, account, *id, now, wake).await?),
+        Op::Cancel { account, id } => {
+            Reply::Cancel(cancel(tx, Some(account), *id, now, wake).await?)
+        }
         Op::Claim { limit, lease_until } => {
             Reply::Claimed(claim(tx, *limit, *lease_until, now).await?)
         }
@@ -836,9 +869,54 @@ async fn insert_message(
     Ok(())
 }
 
+/// Sends an ended message once more (an operator's decision after a fault was fixed).
+async fn retry(
+    tx: &mut Tx<'_>,
+    id: MessageId,
+    expires_at: i64,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<u64, StoreError> {
+    let id = id.to_string();
+    let detail = "queued again by an operator";
+    let row = sqlx::query(
+        "UPDATE messages SET status = 'queued', detail = ?2, due_at = ?3, expires_at = ?4,
+             updated_at = ?3
+         WHERE id = ?1 AND status IN ('failed', 'expired', 'unknown', 'undelivered')
+         RETURNING account, webhook_url, reference",
+    )
+    .bind(&id)
+    .bind(detail)
+    .bind(now)
+    .bind(expires_at)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(0) };
+    // Every part goes again: the earlier ones did not reach the handset.
+    sqlx::query("DELETE FROM parts WHERE message_id = ?1")
+        .bind(&id)
+        .execute(&mut **tx)
+        .await?;
+    let target = target_from_row(&row)?;
+    add_event(
+        tx,
+        &id,
+        Status::Queued,
+        Some(detail),
+        None,
+        now,
+        target.as_ref(),
+        wake,
+    )
+    .await?;
+    wake.queue = true;
+    Ok(1)
+}
+
+/// Cancels a waiting message; `account` None is an operator, who may cancel any.
 async fn cancel(
     tx: &mut Tx<'_>,
-    account: &str,
+    account: Option<&str>,
     id: MessageId,
     now: i64,
     wake: &mut Wake,
@@ -847,7 +925,8 @@ async fn cancel(
     let updated = sqlx::query(
         "UPDATE messages SET status = 'canceled', detail = 'canceled through the API',
              updated_at = ?3
-         WHERE id = ?1 AND account = ?2 AND status IN ('queued', 'scheduled')
+         WHERE id = ?1 AND (?2 IS NULL OR account = ?2)
+           AND status IN ('queued', 'scheduled', 'held_suspect')
          RETURNING account, webhook_url, reference",
     )
     .bind(&id)
@@ -870,12 +949,13 @@ async fn cancel(
         .await?;
         return Ok(CancelResult::Canceled);
     }
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM messages WHERE id = ?1 AND account = ?2")
-            .bind(&id)
-            .bind(account)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM messages WHERE id = ?1 AND (?2 IS NULL OR account = ?2)",
+    )
+    .bind(&id)
+    .bind(account)
+    .fetch_optional(&mut **tx)
+    .await?;
     match status {
         None => Ok(CancelResult::NotFound),
         Some(s) => Ok(CancelResult::TooLate(parse_status(&s)?)),
@@ -1543,6 +1623,7 @@ fn target_from_row(row: &SqliteRow) -> Result<Option<WebhookTarget>, StoreError>
 fn view_from_row(row: &SqliteRow) -> Result<MessageView, StoreError> {
     Ok(MessageView {
         id: parse_id(&row.try_get::<String, _>("id")?)?,
+        account: row.try_get("account")?,
         reference: row.try_get("reference")?,
         recipient: row.try_get("recipient")?,
         sender: row.try_get("sender")?,

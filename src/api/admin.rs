@@ -1,0 +1,168 @@
+//! The operators' API, on its own listener (loopback by default): gateway status, the queue
+//! across accounts, and pausing carriers. `smsgw status|queue|carriers` talk to it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::config::MessagesConfig;
+use crate::message::{MessageId, Pseudonymizer, Status, now_ms, rfc3339};
+use crate::router::Router as CarrierRouter;
+use crate::store::{CancelResult, Store};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Arc<dyn Store>,
+    pub carriers: Arc<CarrierRouter>,
+    pub messages: Arc<MessagesConfig>,
+    /// Operators see numbers as pseudonyms: the queue is for diagnosis, not for reading.
+    pub pseudonyms: Pseudonymizer,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/status", get(status))
+        .route("/admin/queue", get(queue))
+        .route("/admin/queue/{id}/retry", post(retry))
+        .route("/admin/queue/{id}/cancel", post(cancel))
+        .route("/admin/carriers/{name}/pause", post(pause))
+        .route("/admin/carriers/{name}/resume", post(resume))
+        .with_state(state)
+}
+
+async fn status(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    let (queued, oldest, webhooks) = state.store.backlog().await?;
+    let carriers: Vec<Value> = state
+        .carriers
+        .carriers()
+        .iter()
+        .map(|c| {
+            let config = c.config();
+            json!({
+                "name": c.name,
+                "binds_up": c.health.bound.load(Ordering::SeqCst),
+                "binds": config.binds,
+                "window": config.window,
+                "rate_per_second": config.rate_per_second,
+                "paused": c.health.paused.load(Ordering::SeqCst),
+                "credentials_refused": c.health.credentials_refused.load(Ordering::SeqCst),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "carriers": carriers,
+        "queue": {
+            "waiting": queued,
+            "oldest_age_seconds": oldest.map(|t| (now_ms() - t) / 1000),
+        },
+        "webhook_backlog": webhooks,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn queue(
+    State(state): State<AdminState>,
+    Query(query): Query<QueueQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match query.status.as_deref() {
+        None => Status::Queued,
+        Some(s) => s.parse().map_err(|_| {
+            ApiError::invalid("invalid_status", "status", format!("unknown status `{s}`"))
+        })?,
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let page = state.store.queue(status, limit).await?;
+    let messages: Vec<Value> = page
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id.to_string(),
+                "account": m.account,
+                "to": state.pseudonyms.pseudonym(&m.recipient),
+                "status": m.status,
+                "detail": m.detail,
+                "attempts": m.attempts,
+                "carrier": m.carrier,
+                "created_at": rfc3339(m.created_at),
+                "expires_at": rfc3339(m.expires_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "messages": messages })))
+}
+
+fn message_id(text: &str) -> Result<MessageId, ApiError> {
+    text.parse().map_err(|_| ApiError::not_found())
+}
+
+async fn retry(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = message_id(&id)?;
+    let expires_at = now_ms() + state.messages.default_validity.as_millis() as i64;
+    if !state.store.retry(id, expires_at).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_retryable",
+            "only failed, expired, unknown or undelivered messages can be retried",
+        ));
+    }
+    Ok(Json(
+        json!({ "id": id.to_string(), "status": Status::Queued }),
+    ))
+}
+
+async fn cancel(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = message_id(&id)?;
+    match state.store.cancel_any(id).await? {
+        CancelResult::Canceled => Ok(Json(
+            json!({ "id": id.to_string(), "status": Status::Canceled }),
+        )),
+        CancelResult::NotFound => Err(ApiError::not_found()),
+        CancelResult::TooLate(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_cancelable",
+            format!("the message is {status}"),
+        )),
+    }
+}
+
+async fn pause(state: State<AdminState>, name: Path<String>) -> Result<Json<Value>, ApiError> {
+    set_paused(state, name, true)
+}
+
+async fn resume(state: State<AdminState>, name: Path<String>) -> Result<Json<Value>, ApiError> {
+    set_paused(state, name, false)
+}
+
+/// A paused carrier keeps its binds (and answers what is in flight) but gets nothing new.
+fn set_paused(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    paused: bool,
+) -> Result<Json<Value>, ApiError> {
+    let carrier = state
+        .carriers
+        .find(&name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such carrier"))?;
+    carrier.health.paused.store(paused, Ordering::SeqCst);
+    tracing::warn!(carrier = %name, paused, "carrier paused or resumed by an operator");
+    Ok(Json(json!({ "name": name, "paused": paused })))
+}

@@ -1,0 +1,117 @@
+//! What a reload (SIGHUP) changes while the gateway runs: the accounts (API keys, webhooks,
+//! senders, keywords, policy rights) and the policy settings. Carriers, listeners, the store and
+//! the pseudonym key need a restart; a reload says so instead of half-applying them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+use crate::api::auth::Accounts;
+use crate::config::{Config, PolicyConfig};
+use crate::store::{AccountPolicy, InboundOwner};
+
+/// The live, replaceable part of the configuration.
+#[derive(Debug)]
+pub struct Reloadable {
+    pub accounts: Accounts,
+    /// Who owns an inbound SMS, by the number it was sent to (digits).
+    pub inbound: HashMap<String, InboundOwner>,
+    /// Webhook secret per account.
+    pub webhook_secrets: HashMap<String, String>,
+    pub policy: PolicyConfig,
+}
+
+pub type Live = Arc<ArcSwap<Reloadable>>;
+
+impl Reloadable {
+    pub fn from_config(config: &Config) -> Reloadable {
+        let mut inbound = HashMap::new();
+        for account in &config.accounts {
+            let owner = InboundOwner {
+                account: account.name.clone(),
+                webhook_url: account.webhook_url.clone(),
+                keywords: Arc::new(account.keywords.clone()),
+                policy: AccountPolicy {
+                    service_messages: account.service_messages,
+                    follow_number_changes: account.follow_number_changes,
+                },
+            };
+            for sender in &account.senders {
+                inbound.insert(sender.trim_start_matches('+').to_owned(), owner.clone());
+            }
+        }
+        Reloadable {
+            accounts: Accounts::from_config(&config.accounts),
+            inbound,
+            webhook_secrets: config
+                .accounts
+                .iter()
+                .filter_map(|a| Some((a.name.clone(), a.webhook_secret.clone()?.0)))
+                .collect(),
+            policy: config.policy.clone(),
+        }
+    }
+}
+
+pub fn live(config: &Config) -> Live {
+    Arc::new(ArcSwap::from_pointee(Reloadable::from_config(config)))
+}
+
+/// Applies a new configuration to `live` and logs what it could not apply.
+pub fn apply(live: &Live, running: &Config, new: &Config) {
+    live.store(Arc::new(Reloadable::from_config(new)));
+    let needs_restart: Vec<&str> = [
+        (
+            "http",
+            format!("{:?}", running.http) != format!("{:?}", new.http),
+        ),
+        (
+            "admin",
+            format!("{:?}", running.admin) != format!("{:?}", new.admin),
+        ),
+        (
+            "store",
+            format!("{:?}", running.store) != format!("{:?}", new.store),
+        ),
+        (
+            "carriers",
+            format!("{:?}", running.carriers) != format!("{:?}", new.carriers),
+        ),
+        (
+            "messages",
+            format!("{:?}", running.messages) != format!("{:?}", new.messages),
+        ),
+        (
+            "webhooks",
+            format!("{:?}", running.webhooks) != format!("{:?}", new.webhooks),
+        ),
+        (
+            "retention",
+            format!("{:?}", running.retention) != format!("{:?}", new.retention),
+        ),
+        (
+            "logging",
+            format!("{:?}", running.logging) != format!("{:?}", new.logging),
+        ),
+        (
+            "privacy",
+            running.privacy.pseudonym_key.expose() != new.privacy.pseudonym_key.expose(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(section, _)| section)
+    .collect();
+    info!(
+        accounts = new.accounts.len(),
+        "configuration reloaded: accounts, keys, webhooks, keywords and policy apply now"
+    );
+    if !needs_restart.is_empty() {
+        warn!(
+            sections = ?needs_restart,
+            "these changed sections need a restart to take effect; the running values stay"
+        );
+    }
+}
