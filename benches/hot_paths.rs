@@ -339,8 +339,130 @@ fn bench_sqlite_statements(c: &mut Criterion) {
     });
 }
 
+/// The cost of the policy check on the submit path: a whole store submit of 100 messages
+/// (policy, inserts, events, commit) against the policy's own lookup done 100 times, on a
+/// store that holds 10,000 opt-outs and 1,000 number changes.
+fn bench_policy_cost(c: &mut Criterion) {
+    use smsgw::encoding::Encoding;
+    use smsgw::message::{Category, MessageId, Pseudonymizer, Status, now_ms};
+    use smsgw::policy::number_change::ChangeKind;
+    use smsgw::store::sqlite::{FACTS_QUERY, SqliteStore};
+    use smsgw::store::{AccountPolicy, NewMessage, NumberChange, OptOutSource, Store, StoreRules};
+    use std::sync::Arc;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let db = dir.path().join("policy.db");
+    let rules = StoreRules {
+        pseudonyms: Pseudonymizer::new(b"bench-pseudonym-key"),
+        suspect_after: 3,
+        suspect_codes: vec!["001".into()],
+    };
+    let number = |i: usize| format!("+4670{:07}", i);
+    let store: Arc<dyn Store> = rt.block_on(async {
+        let store = SqliteStore::open(&db, 1024, rules.clone()).await.unwrap();
+        let opt_outs = (0..10_000).map(|i| (number(i), None)).collect();
+        let by = OptOutSource {
+            source: "import",
+            actor: None,
+        };
+        store
+            .add_opt_outs("bench", opt_outs, by, AccountPolicy::default())
+            .await
+            .unwrap();
+        let changes = (20_000..21_000)
+            .map(|i| NumberChange {
+                account: None,
+                number: number(i),
+                kind: ChangeKind::Deactivated,
+                effective_at: now_ms() - 3_600_000,
+                source: "import".into(),
+            })
+            .collect();
+        store.add_number_changes(changes, vec![]).await.unwrap();
+        Arc::new(store)
+    });
+    let batch = move || -> Vec<NewMessage> {
+        let now = now_ms();
+        (0..100)
+            .map(|i| NewMessage {
+                id: MessageId::new(),
+                account: "bench".into(),
+                reference: None,
+                recipient: number(50_000 + i),
+                sender: "iP1".into(),
+                body: "Your code is 1234".into(),
+                category: Category::Transactional,
+                encoding: Encoding::Gsm7,
+                segments: 1,
+                priority: 0,
+                webhook_url: None,
+                consent_at: None,
+                status: Status::Scheduled,
+                detail: None,
+                created_at: now,
+                due_at: now + 3_600_000,
+                expires_at: now + 7_200_000,
+            })
+            .collect()
+    };
+    // One connection inside a transaction, as the store's writer runs the lookup.
+    let lookup = rt.block_on(async {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", db.display());
+        let mut conn = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        Arc::new(tokio::sync::Mutex::new(conn))
+    });
+
+    let mut group = c.benchmark_group("policy_cost");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("store_submit_100_messages", |b| {
+        b.to_async(&rt).iter_batched(
+            batch,
+            |messages| {
+                let store = store.clone();
+                async move {
+                    let render = Arc::new(|_: &[NewMessage]| (202, String::new()));
+                    store
+                        .submit(AccountPolicy::default(), messages, None, render)
+                        .await
+                        .unwrap();
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("policy_lookup_x100", |b| {
+        b.to_async(&rt).iter(|| {
+            let lookup = lookup.clone();
+            let rules = rules.clone();
+            async move {
+                let mut conn = lookup.lock().await;
+                for i in 0..100 {
+                    let recipient = number(50_000 + i);
+                    sqlx::query(FACTS_QUERY)
+                        .bind(&recipient)
+                        .bind("bench")
+                        .bind(rules.number_key(&recipient))
+                        .bind("iP1")
+                        .fetch_one(&mut *conn)
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    bench_policy_cost,
     bench_encoding,
     bench_receipts,
     bench_codec,

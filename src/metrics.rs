@@ -55,9 +55,10 @@ pub fn rejected(account: &str, code: &'static str) {
         .increment(1);
 }
 
-/// Every status a message enters (refusals by policy included).
-pub fn status_change(status: &'static str) {
-    counter!("smsgw_message_status_total", "status" => status).increment(1);
+/// Every status a message enters (refusals by policy included), per account.
+pub fn status_change(account: &str, status: &'static str) {
+    counter!("smsgw_message_status_total", "account" => account.to_owned(), "status" => status)
+        .increment(1);
 }
 
 /// One submit_sm and what became of it: accepted, rejected, throttled, unknown, not_sent.

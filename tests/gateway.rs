@@ -408,6 +408,12 @@ async fn bad_input_gets_a_specific_client_error() {
             Some("send_at"),
         ),
         (
+            json!({ "to": TO, "from": "iP1", "text": "x", "send_at": "9999-12-31T00:00:00Z" }),
+            422,
+            "invalid_time",
+            Some("send_at"),
+        ),
+        (
             json!({ "to": TO, "from": "iP1", "text": "x", "valid_for": "forever" }),
             422,
             "invalid_validity",
@@ -715,7 +721,7 @@ async fn metrics_expose_the_named_series_after_traffic_and_never_a_number() {
         "smsgw_messages_rejected_total{account=\"a\",reason=\"invalid_number\"}",
         "smsgw_submits_total{carrier=\"sim\",outcome=\"accepted\"}",
         "smsgw_receipts_total{carrier=\"sim\",state=\"delivered\"}",
-        "smsgw_message_status_total{status=\"delivered\"}",
+        "smsgw_message_status_total{account=\"a\",status=\"delivered\"}",
         "smsgw_submit_response_seconds_bucket",
         "smsgw_receipt_latency_seconds_bucket",
         "smsgw_binds_up{carrier=\"sim\"}",

@@ -5,16 +5,23 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::store::StoreError;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// An error: its machine-readable code, a message for people, and the request field at fault
+/// where there is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ApiError {
     #[serde(skip)]
     pub status: StatusCode,
+    /// Machine-readable: `unauthorized`, `invalid_json`, `invalid_number`, `not_found`, ... (the
+    /// README lists every code with its status).
+    #[schema(value_type = String, example = "invalid_number")]
     pub code: &'static str,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "to", nullable = false)]
     pub field: Option<String>,
 }
 
@@ -96,20 +103,24 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: &'a ApiError,
+/// The body of every error response. A 401 also carries `WWW-Authenticate: Bearer`, a 503
+/// `Retry-After: 5`.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_number", "message": "`to` must be in international format, starting with + and the country code", "field": "to"}}))]
+pub struct ErrorEnvelope {
+    pub error: ApiError,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(Envelope { error: &self })).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
+        let status = self.status;
+        let mut response = (status, Json(ErrorEnvelope { error: self })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

@@ -5,17 +5,19 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Account;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::{AppState, authenticate};
-use crate::encoding;
+use crate::encoding::{self, Encoding};
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
 use crate::metrics;
 use crate::store::{
@@ -25,25 +27,39 @@ use crate::store::{
 
 /// One message as an application submits it. Unknown fields are refused, so a typo such as
 /// `"catgory"` is an error rather than a silent default.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SubmitRequest {
+#[schema(example = json!({"to": "+46701234567", "from": "iP1", "text": "Hej! Your code is 1234"}))]
+pub(super) struct SubmitRequest {
+    /// The recipient in international format (`+` and the country code); normalised to E.164.
+    #[schema(pattern = r"^(\+|00)[0-9 ()-]{4,32}$", example = "+46701234567")]
     to: String,
+    /// An alphanumeric sender of up to 11 characters, or digits; the account's `senders` limit it.
+    #[schema(example = "iP1")]
     from: String,
+    /// The text; GSM-7 when every character allows it, else UCS-2. At most
+    /// `messages.max_segments` segments.
     text: String,
     #[serde(default)]
     category: Category,
+    /// When the recipient consented (RFC 3339); a number change after it refuses the message.
+    #[schema(format = DateTime)]
     consent_at: Option<String>,
+    /// When to send (RFC 3339); a later time gives status `scheduled`.
+    #[schema(format = DateTime)]
     send_at: Option<String>,
-    /// How long the gateway may keep trying, e.g. `"2h"`.
+    /// How long the gateway may keep trying, e.g. `"2h"` (default `messages.default_validity`).
+    #[schema(example = "2h")]
     valid_for: Option<String>,
     #[serde(default)]
     priority: Priority,
+    /// Where to post this message's status webhooks (else the account's `webhook_url`).
     callback_url: Option<String>,
+    /// Yours, echoed in webhooks; at most 128 bytes.
     reference: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum Priority {
     #[default]
@@ -51,19 +67,130 @@ enum Priority {
     High,
 }
 
-#[derive(Debug, Serialize)]
-struct Accepted {
+/// A batch: up to `http.max_batch` messages in one transaction, one answer per item.
+/// (Documentation only: `build` reads the body as JSON and each item as a `SubmitRequest`.)
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(super) struct SubmitBatch {
+    #[schema(min_items = 1)]
+    messages: Vec<SubmitRequest>,
+}
+
+/// What `POST /v1/messages` takes: one message or a batch. (Documentation only.)
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(super) enum SubmitBody {
+    One(SubmitRequest),
+    Batch(SubmitBatch),
+}
+
+/// A stored message: its id, its status (queued, scheduled, or the policy's refusal), and how
+/// it is sent. A message the policy refused carries the refusal in `error`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"id": "01a223dd-7b4b-738d-a599-a25452d8d82e", "status": "queued", "segments": 1, "encoding": "gsm7"}))]
+pub(super) struct Accepted {
+    #[schema(format = "uuid")]
     id: String,
     status: Status,
     segments: u32,
+    #[schema(value_type = Encoding)]
     encoding: &'static str,
+    /// Yours, as submitted; absent when none was given.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     reference: Option<String>,
+    /// The policy's refusal (`refused_opted_out`, `refused_number_changed`), when it refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    error: Option<ApiError>,
+}
+
+/// One item of a batch's answer: the stored message, or why the item was not stored.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(super) enum BatchItem {
+    Stored(Accepted),
+    Invalid { error: ApiError },
+}
+
+/// A batch's answer: one item per submitted message, in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct BatchAnswer {
+    messages: Vec<Option<BatchItem>>,
+}
+
+/// What `POST /v1/messages` answers with 202: the stored message, or the batch's answer.
+/// (Documentation only.)
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(super) enum SubmitAnswer {
+    One(Accepted),
+    Batch(BatchAnswer),
+}
+
+/// What `POST /v1/messages` answers with 422: an invalid request, a single message the policy
+/// refused (stored, with its `id` and the refusal in `error`), or a batch none of whose items
+/// was valid. (Documentation only.)
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(super) enum SubmitRefused {
+    Invalid(ErrorEnvelope),
+    Refused(Accepted),
+    Batch(BatchAnswer),
 }
 
 const MAX_REFERENCE: usize = 128;
+/// How far ahead a message may be scheduled.
+const MAX_SCHEDULE_AHEAD_MS: i64 = 365 * 24 * 3600 * 1000;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Submit one message, or a batch of them.
+///
+/// The answer comes once the message is committed to disk. A repeated request with the same
+/// `Idempotency-Key` gets the first answer again (with `Idempotent-Replayed: true`); the same
+/// key with another body is `422 idempotency_key_reused`.
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "messages",
+    operation_id = "submit",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+            description = "Makes a retried request safe: the first answer is given again"),
+    ),
+    request_body(content = SubmitBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Stored: the message (or each valid item of a batch)",
+            body = SubmitAnswer,
+            headers(("Idempotent-Replayed" = String,
+                description = "`true` when this is the first answer to this Idempotency-Key")),
+            links(
+                ("GetMessage" = (operation_id = "get_message",
+                    parameters(("id" = "$response.body#/id")),
+                    description = "The stored message (a single submit)")),
+                ("CancelMessage" = (operation_id = "cancel_message",
+                    parameters(("id" = "$response.body#/id")),
+                    description = "Cancel it while it waits (a single submit)")),
+            )),
+        (status = 400, description = "Not JSON, an unknown or missing field, a value of the \
+            wrong type (`invalid_json`, `unknown_field`, `missing_field`, `invalid_value`), or \
+            a bad Idempotency-Key", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown API key", body = ErrorEnvelope),
+        (status = 408, description = "The body did not arrive within `http.request_timeout`",
+            body = ErrorEnvelope),
+        (status = 413, description = "The body is larger than `http.max_body_bytes`",
+            body = ErrorEnvelope),
+        (status = 422, description = "A field is invalid, the policy refused the message, or \
+            no item of a batch was valid", body = SubmitRefused),
+        (status = 503, description = "The store cannot take it now; nothing was stored",
+            body = ErrorEnvelope),
+    ),
+)]
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -129,11 +256,13 @@ impl Parsed {
                 };
             }
             let mut stored = stored.iter();
-            let answers: Vec<Value> = items
+            let messages = items
                 .iter()
                 .map(|item| match item {
-                    Some(error) => json!({ "error": error }),
-                    None => stored.next().map(item_answer).unwrap_or(Value::Null),
+                    Some(error) => Some(BatchItem::Invalid {
+                        error: error.clone(),
+                    }),
+                    None => stored.next().map(|m| BatchItem::Stored(accepted(m))),
                 })
                 .collect();
             let status = if items.iter().all(Option::is_some) {
@@ -141,22 +270,13 @@ impl Parsed {
             } else {
                 StatusCode::ACCEPTED
             };
-            (status.as_u16(), json!({ "messages": answers }).to_string())
+            (status.as_u16(), to_json(&BatchAnswer { messages }))
         })
     }
 }
 
-/// A message the policy refused carries its refusal as an error with its code.
-fn item_answer(m: &NewMessage) -> Value {
-    let mut value = serde_json::to_value(accepted(m)).unwrap_or_default();
-    if let Some(code) = refusal_code(m.status) {
-        value["error"] = json!({
-            "code": code,
-            "message": m.detail.clone().unwrap_or_default(),
-            "field": "to",
-        });
-    }
-    value
+fn to_json(answer: &impl Serialize) -> String {
+    serde_json::to_string(answer).unwrap_or_else(|_| "{}".into())
 }
 
 fn single_answer(m: &NewMessage) -> (u16, String) {
@@ -164,7 +284,7 @@ fn single_answer(m: &NewMessage) -> (u16, String) {
         Some(_) => StatusCode::UNPROCESSABLE_ENTITY,
         None => StatusCode::ACCEPTED,
     };
-    (status.as_u16(), item_answer(m).to_string())
+    (status.as_u16(), to_json(&accepted(m)))
 }
 
 fn refusal_code(status: Status) -> Option<&'static str> {
@@ -283,6 +403,7 @@ fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, A
     Ok(parsed)
 }
 
+/// A message the policy refused carries its refusal as an error with its code.
 fn accepted(message: &NewMessage) -> Accepted {
     Accepted {
         id: message.id.to_string(),
@@ -290,6 +411,8 @@ fn accepted(message: &NewMessage) -> Accepted {
         segments: message.segments,
         encoding: message.encoding.as_str(),
         reference: message.reference.clone(),
+        error: refusal_code(message.status)
+            .map(|code| ApiError::invalid(code, "to", message.detail.clone().unwrap_or_default())),
     }
 }
 
@@ -341,6 +464,13 @@ fn validate(
         .as_deref()
         .map(|t| parse_time(t, "send_at"))
         .transpose()?;
+    if send_at.is_some_and(|at| at > now + MAX_SCHEDULE_AHEAD_MS) {
+        return Err(ApiError::invalid(
+            "invalid_time",
+            "send_at",
+            "`send_at` may be at most 365 days ahead",
+        ));
+    }
     let validity = match request.valid_for.as_deref() {
         None => state.messages.default_validity,
         Some(text) => parse_validity(text, state.messages.max_validity)?,
@@ -438,13 +568,35 @@ fn check_callback_url(url: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A message id in a path; one that is not a message id is answered like an unknown one.
+fn message_id(path: Result<Path<String>, PathRejection>) -> Result<MessageId, ApiError> {
+    let text = super::path_param(path, ApiError::not_found)?;
+    text.parse().map_err(|_| ApiError::not_found())
+}
+
+/// A message and its history.
+#[utoipa::path(
+    get,
+    path = "/v1/messages/{id}",
+    tag = "messages",
+    operation_id = "get_message",
+    security(("bearer" = [])),
+    params(("id" = String, Path, format = "uuid", description = "The message id")),
+    responses(
+        (status = 200, description = "The message, with `events`", body = MessageJson),
+        (status = 401, description = "No or an unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such message for this account (`not_found`)",
+            body = ErrorEnvelope),
+        (status = 503, description = "The store cannot answer now", body = ErrorEnvelope),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<MessageJson>, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let id: MessageId = id.parse().map_err(|_| ApiError::not_found())?;
+    let id = message_id(id)?;
     let view = state
         .store
         .get_message(&account.name, id)
@@ -453,26 +605,63 @@ pub async fn get(
     Ok(Json(view_json(&view, true)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only messages in this status.
+    #[param(value_type = Option<Status>)]
     status: Option<String>,
+    /// Only messages to this number (international format).
+    #[param(pattern = r"^(\+|00)[0-9 ()-]{4,32}$", example = "+46701234567")]
     to: Option<String>,
+    /// Only messages created at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Messages per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
 const MAX_PAGE: u32 = 500;
 
+/// A page of messages.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct MessagePage {
+    /// Newest first; without `events`.
+    messages: Vec<MessageJson>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// The account's messages, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/messages",
+    tag = "messages",
+    operation_id = "list_messages",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of messages", body = MessagePage),
+        (status = 400, description = "An unknown parameter or a value of the wrong type \
+            (`invalid_query`)", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown API key", body = ErrorEnvelope),
+        (status = 422, description = "A parameter is invalid (`invalid_status`, \
+            `invalid_number`, `invalid_time`, `invalid_cursor`, `invalid_limit`)",
+            body = ErrorEnvelope),
+        (status = 503, description = "The store cannot answer now", body = ErrorEnvelope),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<MessagePage>, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let query = super::query(query)?;
     let status = query
         .status
         .as_deref()
@@ -523,23 +712,52 @@ pub async fn list(
     let next_cursor = (page.len() == limit as usize)
         .then(|| page.last().map(|m| m.id.to_string()))
         .flatten();
-    let messages: Vec<Value> = page.iter().map(|m| view_json(m, false)).collect();
-    Ok(Json(
-        json!({ "messages": messages, "next_cursor": next_cursor }),
-    ))
+    let messages = page.iter().map(|m| view_json(m, false)).collect();
+    Ok(Json(MessagePage {
+        messages,
+        next_cursor,
+    }))
 }
 
+/// A canceled message.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Canceled {
+    #[schema(format = "uuid")]
+    id: String,
+    /// `canceled`.
+    status: Status,
+}
+
+/// Cancel a message that is still `queued` or `scheduled`.
+#[utoipa::path(
+    delete,
+    path = "/v1/messages/{id}",
+    tag = "messages",
+    operation_id = "cancel_message",
+    security(("bearer" = [])),
+    params(("id" = String, Path, format = "uuid", description = "The message id")),
+    responses(
+        (status = 200, description = "Canceled", body = Canceled),
+        (status = 401, description = "No or an unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such message for this account (`not_found`)",
+            body = ErrorEnvelope),
+        (status = 409, description = "The message is past `queued` or `scheduled` \
+            (`not_cancelable`)", body = ErrorEnvelope),
+        (status = 503, description = "The store cannot answer now", body = ErrorEnvelope),
+    ),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Canceled>, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let id: MessageId = id.parse().map_err(|_| ApiError::not_found())?;
+    let id = message_id(id)?;
     match state.store.cancel(&account.name, id).await? {
-        CancelResult::Canceled => Ok(Json(
-            json!({ "id": id.to_string(), "status": Status::Canceled }),
-        )),
+        CancelResult::Canceled => Ok(Json(Canceled {
+            id: id.to_string(),
+            status: Status::Canceled,
+        })),
         CancelResult::NotFound => Err(ApiError::not_found()),
         CancelResult::TooLate(status) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -549,30 +767,76 @@ pub async fn cancel(
     }
 }
 
-pub(super) fn view_json(m: &MessageView, with_events: bool) -> Value {
-    let mut value = json!({
-        "id": m.id.to_string(),
-        "reference": m.reference,
-        "to": m.recipient,
-        "from": m.sender,
-        "category": m.category,
-        "status": m.status,
-        "detail": m.detail,
-        "error_code": m.error_code,
-        "segments": m.segments,
-        "encoding": m.encoding.as_str(),
-        "carrier": m.carrier,
-        "attempts": m.attempts,
-        "created_at": rfc3339(m.created_at),
-        "updated_at": rfc3339(m.updated_at),
-        "expires_at": rfc3339(m.expires_at),
-    });
-    if with_events {
-        value["events"] = m
-            .events
-            .iter()
-            .map(|e| json!({ "status": e.status, "at": rfc3339(e.at), "detail": e.detail }))
-            .collect();
+/// A message as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Message)]
+pub(super) struct MessageJson {
+    #[schema(format = "uuid")]
+    id: String,
+    reference: Option<String>,
+    /// The recipient, E.164.
+    to: String,
+    from: String,
+    category: Category,
+    status: Status,
+    /// Why it is in its status, for people.
+    detail: Option<String>,
+    /// The carrier's error (`command_status` or receipt `err:`) of a failed message.
+    error_code: Option<String>,
+    segments: u32,
+    #[schema(value_type = Encoding)]
+    encoding: &'static str,
+    /// The carrier it went to.
+    carrier: Option<String>,
+    attempts: u32,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    /// When the gateway stops trying.
+    #[schema(format = DateTime)]
+    expires_at: String,
+    /// The history, oldest first; only on `GET /v1/messages/{id}` and in a subject export.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<Vec<EventJson>>,
+}
+
+/// One status change of a message.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Event)]
+pub(super) struct EventJson {
+    status: Status,
+    #[schema(format = DateTime)]
+    at: String,
+    detail: Option<String>,
+}
+
+pub(super) fn view_json(m: &MessageView, with_events: bool) -> MessageJson {
+    MessageJson {
+        id: m.id.to_string(),
+        reference: m.reference.clone(),
+        to: m.recipient.clone(),
+        from: m.sender.clone(),
+        category: m.category,
+        status: m.status,
+        detail: m.detail.clone(),
+        error_code: m.error_code.clone(),
+        segments: m.segments,
+        encoding: m.encoding.as_str(),
+        carrier: m.carrier.clone(),
+        attempts: m.attempts,
+        created_at: rfc3339(m.created_at),
+        updated_at: rfc3339(m.updated_at),
+        expires_at: rfc3339(m.expires_at),
+        events: with_events.then(|| {
+            m.events
+                .iter()
+                .map(|e| EventJson {
+                    status: e.status,
+                    at: rfc3339(e.at),
+                    detail: e.detail.clone(),
+                })
+                .collect()
+        }),
     }
-    value
 }

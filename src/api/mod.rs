@@ -4,19 +4,23 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 mod messages;
+pub mod openapi;
 pub mod policy;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use serde_json::json;
+use axum::routing::{MethodFilter, MethodRouter, on};
 
 use axum::body::{Body, Bytes};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
 
 use crate::config::{HttpConfig, MessagesConfig};
 use crate::router::Router as CarrierRouter;
@@ -35,31 +39,86 @@ pub struct AppState {
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// One route of the API: its method, its path (axum's `{param}` syntax is OpenAPI's too) and
+/// the handler that serves it.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    handler: fn(MethodFilter) -> MethodRouter<AppState>,
+}
+
+/// Every route of the API. `router` is built from this table and nothing else, and
+/// `tests/openapi.rs` checks that `/v1/openapi.json` documents exactly these (method, path)
+/// pairs: a route added here without its `#[utoipa::path]` listed in `openapi::ApiDoc` fails it.
+pub const ROUTES: &[Route] = &[
+    Route::new("POST", "/v1/messages", |m| on(m, messages::submit)),
+    Route::new("GET", "/v1/messages", |m| on(m, messages::list)),
+    Route::new("GET", "/v1/messages/{id}", |m| on(m, messages::get)),
+    Route::new("DELETE", "/v1/messages/{id}", |m| on(m, messages::cancel)),
+    Route::new("GET", "/v1/opt-outs", |m| on(m, policy::list_opt_outs)),
+    Route::new("POST", "/v1/opt-outs", |m| on(m, policy::add_opt_out)),
+    Route::new("POST", "/v1/opt-outs/import", |m| {
+        on(m, policy::import_opt_outs)
+    }),
+    Route::new("GET", "/v1/opt-outs/export", |m| {
+        on(m, policy::export_opt_outs)
+    }),
+    Route::new("DELETE", "/v1/opt-outs/{number}", |m| {
+        on(m, policy::remove_opt_out)
+    }),
+    Route::new("POST", "/v1/number-changes", |m| {
+        on(m, policy::add_number_change)
+    }),
+    Route::new("GET", "/v1/number-changes/{number}", |m| {
+        on(m, policy::number_history)
+    }),
+    Route::new("DELETE", "/v1/number-changes/{number}/suspect", |m| {
+        on(m, policy::clear_suspect)
+    }),
+    Route::new("DELETE", "/v1/subjects/{number}", |m| {
+        on(m, policy::erase_subject)
+    }),
+    Route::new("GET", "/v1/subjects/{number}/export", |m| {
+        on(m, policy::export_subject)
+    }),
+    Route::new("GET", "/v1/openapi.json", |m| on(m, openapi::document)),
+    Route::new("GET", "/metrics", |m| on(m, prometheus)),
+    Route::new("GET", "/healthz", |m| on(m, healthz)),
+    Route::new("GET", "/readyz", |m| on(m, readyz)),
+];
+
+impl Route {
+    const fn new(
+        method: &'static str,
+        path: &'static str,
+        handler: fn(MethodFilter) -> MethodRouter<AppState>,
+    ) -> Route {
+        Route {
+            method,
+            path,
+            handler,
+        }
+    }
+
+    fn method_filter(&self) -> MethodFilter {
+        match self.method {
+            "GET" => MethodFilter::GET,
+            "POST" => MethodFilter::POST,
+            "PUT" => MethodFilter::PUT,
+            "PATCH" => MethodFilter::PATCH,
+            "DELETE" => MethodFilter::DELETE,
+            other => panic!("ROUTES: no method filter for {other}"),
+        }
+    }
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/messages", get(messages::list).post(messages::submit))
-        .route(
-            "/v1/messages/{id}",
-            get(messages::get).delete(messages::cancel),
-        )
-        .route(
-            "/v1/opt-outs",
-            get(policy::list_opt_outs).post(policy::add_opt_out),
-        )
-        .route("/v1/opt-outs/import", post(policy::import_opt_outs))
-        .route("/v1/opt-outs/export", get(policy::export_opt_outs))
-        .route("/v1/opt-outs/{number}", delete(policy::remove_opt_out))
-        .route("/v1/number-changes", post(policy::add_number_change))
-        .route("/v1/number-changes/{number}", get(policy::number_history))
-        .route(
-            "/v1/number-changes/{number}/suspect",
-            delete(policy::clear_suspect),
-        )
-        .route("/v1/subjects/{number}", delete(policy::erase_subject))
-        .route("/v1/subjects/{number}/export", get(policy::export_subject))
-        .route("/metrics", get(prometheus))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, route| {
+            // Two routes on one path merge their methods (axum panics on a repeated method).
+            router.route(route.path, (route.handler)(route.method_filter()))
+        })
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -72,6 +131,23 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Account>, A
         .accounts
         .authenticate(headers)
         .ok_or_else(ApiError::unauthorized)
+}
+
+/// A path parameter as text. One that is not UTF-8 once percent-decoded gets `invalid()`, the
+/// answer the handler gives any other bad value (axum's own rejection is plain text).
+pub(super) fn path_param(
+    path: Result<Path<String>, PathRejection>,
+    invalid: impl FnOnce() -> ApiError,
+) -> Result<String, ApiError> {
+    path.map(|Path(text)| text).map_err(|_| invalid())
+}
+
+/// Query parameters, or `400 invalid_query` in the API's error shape (axum's own rejection is
+/// plain text).
+pub(super) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))
 }
 
 /// Reads the body within the size limit and the request timeout. The timeout covers only the
@@ -102,25 +178,67 @@ pub(super) async fn json_body<T: DeserializeOwned>(
 
 /// Prometheus text format. Unauthenticated like the health checks: keep the API listener on
 /// loopback (the default) or behind a proxy that restricts `/metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses((status = 200, description = "The gateway's metrics in the Prometheus text format",
+        body = String, content_type = "text/plain")),
+)]
 async fn prometheus(State(state): State<AppState>) -> String {
     state.prometheus.render()
 }
 
 /// The process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process is up", body = String,
+        content_type = "text/plain", example = "ok\n")),
+)]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// What `/readyz` answers: whether the store answers, and the binds up per carrier.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"store": "ok", "carriers": {"simulated": {"binds_up": 1}}}))]
+struct Readiness {
+    /// `ok` or `unavailable`.
+    store: &'static str,
+    carriers: BTreeMap<String, CarrierReadiness>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct CarrierReadiness {
+    binds_up: usize,
+}
+
 /// The gateway can take and send messages: the store answers and at least one bind is up.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "The store answers and at least one carrier bind is up",
+            body = Readiness),
+        (status = 503, description = "The store does not answer, or no carrier bind is up",
+            body = Readiness),
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     let store_ok = state.store.ping().await.is_ok();
-    let carriers: serde_json::Map<String, serde_json::Value> = state
+    let carriers = state
         .carriers
         .carriers()
         .iter()
         .map(|c| {
-            let bound = c.health.bound.load(std::sync::atomic::Ordering::SeqCst);
-            (c.name.clone(), json!({ "binds_up": bound }))
+            let binds_up = c.health.bound.load(std::sync::atomic::Ordering::SeqCst);
+            (c.name.clone(), CarrierReadiness { binds_up })
         })
         .collect();
     let any_bound = state.carriers.carriers().iter().any(|c| c.is_bound());
@@ -129,8 +247,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body =
-        json!({ "store": if store_ok { "ok" } else { "unavailable" }, "carriers": carriers });
+    let body = Readiness {
+        store: if store_ok { "ok" } else { "unavailable" },
+        carriers,
+    };
     (status, axum::Json(body)).into_response()
 }
 

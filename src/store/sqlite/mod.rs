@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 mod policy;
 
+pub use policy::FACTS_QUERY;
+
 use super::*;
 use crate::message::{now_ms, rfc3339};
 use crate::receipt::{ReceiptState, normalize_id};
@@ -847,9 +849,9 @@ async fn insert_message(
     .bind(m.expires_at)
     .execute(&mut **tx)
     .await?;
-    let target = m.webhook_url.as_ref().map(|url| WebhookTarget {
+    let target = Some(WebhookTarget {
         account: m.account.clone(),
-        url: url.clone(),
+        url: m.webhook_url.clone(),
         reference: m.reference.clone(),
     });
     add_event(
@@ -1073,7 +1075,10 @@ async fn record_attempt(
     .await?;
     if let Some(row) = row {
         // A retry is the gateway's own business: it is in the history, not posted.
-        let target = target_from_row(&row)?.filter(|_| status != Status::Queued);
+        let target = target_from_row(&row)?.map(|t| WebhookTarget {
+            url: t.url.filter(|_| status != Status::Queued),
+            ..t
+        });
         add_event(
             tx,
             &id,
@@ -1339,7 +1344,7 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
         "UPDATE messages SET status = 'queued', detail = ?2, locked_until = NULL, due_at = ?1,
              updated_at = ?1
          WHERE status = 'sending' AND (?3 OR locked_until < ?1)
-         RETURNING id",
+         RETURNING id, account, reference, NULL AS webhook_url",
     )
     .bind(now)
     .bind(detail)
@@ -1348,7 +1353,19 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
     .await?;
     for row in &rows {
         let id: String = row.try_get("id")?;
-        add_event(tx, &id, Status::Queued, Some(detail), None, now, None, wake).await?;
+        let target = target_from_row(row)?;
+        let status = Status::Queued;
+        add_event(
+            tx,
+            &id,
+            status,
+            Some(detail),
+            None,
+            now,
+            target.as_ref(),
+            wake,
+        )
+        .await?;
     }
     if !rows.is_empty() {
         wake.queue = true;
@@ -1537,9 +1554,10 @@ async fn webhook_result(
 }
 
 /// Where a message's status changes are reported.
+/// Whose message an event is about, and where its status changes are posted (if anywhere).
 struct WebhookTarget {
     account: String,
-    url: String,
+    url: Option<String>,
     reference: Option<String>,
 }
 
@@ -1563,8 +1581,11 @@ async fn add_event(
         .bind(detail)
         .execute(&mut **tx)
         .await?;
-    crate::metrics::status_change(status.as_str());
-    if let Some(target) = target.filter(|_| status != Status::Sending) {
+    crate::metrics::status_change(target.map_or("", |t| t.account.as_str()), status.as_str());
+    if let Some((target, url)) = target
+        .filter(|_| status != Status::Sending)
+        .and_then(|t| Some((t, t.url.as_ref()?)))
+    {
         let payload = serde_json::json!({
             "type": "message.status",
             "message_id": id,
@@ -1574,15 +1595,7 @@ async fn add_event(
             "error_code": error_code,
             "at": rfc3339(now),
         });
-        enqueue_webhook(
-            tx,
-            &target.account,
-            &target.url,
-            &payload.to_string(),
-            now,
-            wake,
-        )
-        .await?;
+        enqueue_webhook(tx, &target.account, url, &payload.to_string(), now, wake).await?;
     }
     Ok(())
 }
@@ -1609,15 +1622,11 @@ async fn enqueue_webhook(
 }
 
 fn target_from_row(row: &SqliteRow) -> Result<Option<WebhookTarget>, StoreError> {
-    let url: Option<String> = row.try_get("webhook_url")?;
-    Ok(match url {
-        Some(url) => Some(WebhookTarget {
-            account: row.try_get("account")?,
-            url,
-            reference: row.try_get("reference")?,
-        }),
-        None => None,
-    })
+    Ok(Some(WebhookTarget {
+        account: row.try_get("account")?,
+        url: row.try_get("webhook_url")?,
+        reference: row.try_get("reference")?,
+    }))
 }
 
 fn view_from_row(row: &SqliteRow) -> Result<MessageView, StoreError> {
