@@ -196,13 +196,7 @@ impl Admin {
                 ));
             }
             match page.last() {
-                Some(o) if page.len() == 1000 => {
-                    cursor = Some(format!(
-                        "{}:{}",
-                        o.number_key,
-                        o.sender.as_deref().unwrap_or("")
-                    ))
-                }
+                Some(o) if page.len() == 1000 => cursor = Some(o.cursor()),
                 _ => break,
             }
         }

@@ -277,7 +277,7 @@ pub async fn list_opt_outs(
     let next_cursor = (page.len() == limit as usize)
         .then(|| page.last())
         .flatten()
-        .map(|o| format!("{}:{}", o.number_key, o.sender.as_deref().unwrap_or("")));
+        .map(OptOut::cursor);
     let opt_outs = page.iter().map(opt_out_json).collect();
     Ok(Json(OptOutPage {
         opt_outs,
@@ -321,13 +321,7 @@ pub async fn export_opt_outs(
             ));
         }
         match page.last() {
-            Some(o) if page.len() == 1000 => {
-                cursor = Some(format!(
-                    "{}:{}",
-                    o.number_key,
-                    o.sender.as_deref().unwrap_or("")
-                ))
-            }
+            Some(o) if page.len() == 1000 => cursor = Some(o.cursor()),
             _ => break,
         }
     }

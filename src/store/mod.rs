@@ -103,6 +103,17 @@ pub struct OptOut {
     pub created_at: i64,
 }
 
+impl OptOut {
+    /// The paging cursor that lists the entries after this one.
+    pub fn cursor(&self) -> String {
+        format!(
+            "{}:{}",
+            self.number_key,
+            self.sender.as_deref().unwrap_or("")
+        )
+    }
+}
+
 /// Who asked for an opt-out change, for the journal.
 #[derive(Debug, Clone)]
 pub struct OptOutSource {

@@ -1351,22 +1351,7 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
     .bind(all)
     .fetch_all(&mut **tx)
     .await?;
-    for row in &rows {
-        let id: String = row.try_get("id")?;
-        let target = target_from_row(row)?;
-        let status = Status::Queued;
-        add_event(
-            tx,
-            &id,
-            status,
-            Some(detail),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
-    }
+    add_events(tx, &rows, Status::Queued, detail, now, wake).await?;
     if !rows.is_empty() {
         wake.queue = true;
     }
@@ -1470,21 +1455,7 @@ async fn expire_overdue(tx: &mut Tx<'_>, now: i64, wake: &mut Wake) -> Result<u6
     .bind(detail)
     .fetch_all(&mut **tx)
     .await?;
-    for row in &rows {
-        let id: String = row.try_get("id")?;
-        let target = target_from_row(row)?;
-        add_event(
-            tx,
-            &id,
-            Status::Expired,
-            Some(detail),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
-    }
+    add_events(tx, &rows, Status::Expired, detail, now, wake).await?;
     Ok(rows.len() as u64)
 }
 
@@ -1559,6 +1530,34 @@ struct WebhookTarget {
     account: String,
     url: Option<String>,
     reference: Option<String>,
+}
+
+/// Records the same status change for every message row of an `UPDATE ... RETURNING id,
+/// account, webhook_url, reference`.
+async fn add_events(
+    tx: &mut Tx<'_>,
+    rows: &[SqliteRow],
+    status: Status,
+    detail: &str,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let target = target_from_row(row)?;
+        add_event(
+            tx,
+            &id,
+            status,
+            Some(detail),
+            None,
+            now,
+            target.as_ref(),
+            wake,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Records a status change in the history and, when the message has a webhook, in the outbox.

@@ -5,7 +5,7 @@
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
-use super::{Tx, Wake, add_event, insert_message, target_from_row};
+use super::{Tx, Wake, add_event, add_events, insert_message, target_from_row};
 use crate::encoding;
 use crate::message::{Category, MessageId, Status, rfc3339};
 use crate::policy::number_change::{self, ChangeEvent, ChangeKind, NumberDecision};
@@ -335,22 +335,7 @@ async fn add_one(
     .bind(now)
     .fetch_all(&mut **tx)
     .await?;
-    for row in &rows {
-        let id: String = row.try_get("id")?;
-        let target = target_from_row(row)?;
-        let status = Status::RefusedOptedOut;
-        add_event(
-            tx,
-            &id,
-            status,
-            Some(detail),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
-    }
+    add_events(tx, &rows, Status::RefusedOptedOut, detail, now, wake).await?;
     Ok(true)
 }
 
@@ -700,23 +685,7 @@ pub(super) async fn count_failure(
     .bind(now)
     .fetch_all(&mut **tx)
     .await?;
-    for row in &rows {
-        let id: String = row.try_get("id")?;
-        let target = target_from_row(row)?;
-        let status = Status::HeldSuspect;
-        add_event(
-            tx,
-            &id,
-            status,
-            Some(HELD_DETAIL),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
-    }
-    Ok(())
+    add_events(tx, &rows, Status::HeldSuspect, HELD_DETAIL, now, wake).await
 }
 
 /// A delivery shows the number works: failures counted so far no longer add up.
@@ -750,22 +719,8 @@ pub(super) async fn clear_suspect(
     .bind(now)
     .fetch_all(&mut **tx)
     .await?;
-    for row in &rows {
-        let id: String = row.try_get("id")?;
-        let target = target_from_row(row)?;
-        add_event(
-            tx,
-            &id,
-            Status::Queued,
-            Some(detail),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
-        wake.queue = true;
-    }
+    add_events(tx, &rows, Status::Queued, detail, now, wake).await?;
+    wake.queue |= !rows.is_empty();
     Ok(cleared)
 }
 
