@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,8 @@ use crate::metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
 pub const SIGNATURE_HEADER: &str = "x-smsgw-signature";
+/// Most results stored in one operation.
+const RESULTS_PER_COMMIT: usize = 512;
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
 pub struct WebhookSender {
@@ -43,10 +45,15 @@ impl WebhookSender {
     }
 
     /// Posts due webhooks until `shutdown`; posts in flight then finish (bounded by the timeout).
+    ///
+    /// A post holds its permit only for the HTTP exchange; its result goes to a recorder that
+    /// stores many results in one operation, so slow commits do not throttle the posting.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.config.concurrency));
         let mut posts = JoinSet::new();
+        let (results, outcomes) = mpsc::channel(this.config.concurrency * 4);
+        let recorder = tokio::spawn(record_results(this.store.clone(), outcomes));
         let signals = this.store.signals().clone();
         while !shutdown.is_cancelled() {
             let room = permits.available_permits();
@@ -68,9 +75,11 @@ impl WebhookSender {
                         break;
                     };
                     let this = this.clone();
+                    let results = results.clone();
                     posts.spawn(async move {
-                        this.deliver(job).await;
+                        let outcome = this.deliver(job).await;
                         drop(permit);
+                        let _ = results.send(outcome).await;
                     });
                 }
                 continue;
@@ -90,6 +99,8 @@ impl WebhookSender {
             while posts.try_join_next().is_some() {}
         }
         while posts.join_next().await.is_some() {}
+        drop(results);
+        let _ = recorder.await;
     }
 
     async fn until_next_due(&self) -> Duration {
@@ -101,7 +112,8 @@ impl WebhookSender {
         }
     }
 
-    async fn deliver(&self, job: WebhookJob) {
+    /// Posts one webhook and says what to record: delivered, retry at, or give up.
+    async fn deliver(&self, job: WebhookJob) -> (i64, WebhookResult) {
         let result = match self.post(&job).await {
             Ok(()) => {
                 metrics::webhook("delivered");
@@ -121,9 +133,7 @@ impl WebhookSender {
                 }
             }
         };
-        if let Err(e) = self.store.webhook_result(job.id, result).await {
-            warn!(webhook = job.id, error = %e, "recording a webhook result failed; it will be sent again");
-        }
+        (job.id, result)
     }
 
     async fn post(&self, job: &WebhookJob) -> Result<(), String> {
@@ -150,6 +160,25 @@ impl WebhookSender {
             Ok(())
         } else {
             Err(format!("answered {}", response.status()))
+        }
+    }
+}
+
+/// Stores post results as they come, in batches. A result that cannot be stored leaves its
+/// webhook leased: it is posted again when the lease ends (at-least-once).
+async fn record_results(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<(i64, WebhookResult)>) {
+    let mut batch = Vec::with_capacity(RESULTS_PER_COMMIT);
+    while let Some(first) = outcomes.recv().await {
+        batch.push(first);
+        while batch.len() < RESULTS_PER_COMMIT {
+            match outcomes.try_recv() {
+                Ok(outcome) => batch.push(outcome),
+                Err(_) => break,
+            }
+        }
+        let count = batch.len();
+        if let Err(e) = store.webhook_results(std::mem::take(&mut batch)).await {
+            warn!(webhooks = count, error = %e, "recording webhook results failed; they will be sent again");
         }
     }
 }

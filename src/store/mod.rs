@@ -485,7 +485,8 @@ pub trait Store: Send + Sync + 'static {
         lease_until: i64,
     ) -> Result<Vec<WebhookJob>, StoreError>;
 
-    async fn webhook_result(&self, id: i64, result: WebhookResult) -> Result<(), StoreError>;
+    /// Records the outcome of posted webhooks, many at once.
+    async fn webhook_results(&self, results: Vec<(i64, WebhookResult)>) -> Result<(), StoreError>;
 
     /// When the earliest pending webhook is due (ms), if any.
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;

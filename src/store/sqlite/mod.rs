@@ -113,10 +113,7 @@ enum Op {
         limit: usize,
         lease_until: i64,
     },
-    WebhookResult {
-        id: i64,
-        result: WebhookResult,
-    },
+    WebhookResults(Vec<(i64, WebhookResult)>),
 }
 
 enum Reply {
@@ -542,10 +539,8 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn webhook_result(&self, id: i64, result: WebhookResult) -> Result<(), StoreError> {
-        self.call(Op::WebhookResult { id, result })
-            .await
-            .map(|_| ())
+    async fn webhook_results(&self, results: Vec<(i64, WebhookResult)>) -> Result<(), StoreError> {
+        self.call(Op::WebhookResults(results)).await.map(|_| ())
     }
 
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError> {
@@ -758,8 +753,10 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         Op::ClaimWebhooks { limit, lease_until } => {
             Reply::Webhooks(claim_webhooks(tx, *limit, *lease_until, now).await?)
         }
-        Op::WebhookResult { id, result } => {
-            webhook_result(tx, *id, result).await?;
+        Op::WebhookResults(results) => {
+            for (id, result) in results {
+                webhook_result(tx, *id, result).await?;
+            }
             Reply::Done
         }
     })
