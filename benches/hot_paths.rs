@@ -429,7 +429,7 @@ fn bench_policy_cost(c: &mut Criterion) {
                 async move {
                     let render = Arc::new(|_: &[NewMessage]| (202, String::new()));
                     store
-                        .submit(AccountPolicy::default(), messages, None, render)
+                        .submit("bench", AccountPolicy::default(), messages, None, render)
                         .await
                         .unwrap();
                 }

@@ -134,8 +134,9 @@ impl Admin {
         let number = e164(number)?;
         let e = self.store.erase_subject(account, &number).await?;
         Ok(format!(
-            "erased {} messages, {} inbound, {} number changes; {} opt-outs kept pseudonymised\n",
-            e.messages, e.inbound, e.number_changes, e.suppressions_kept
+            "erased {} messages and {} inbound; kept {} opt-outs (pseudonymised) and {} number \
+             changes, which protect whoever holds the number now\n",
+            e.messages, e.inbound, e.suppressions_kept, e.number_changes_kept
         ))
     }
 

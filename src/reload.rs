@@ -96,6 +96,11 @@ pub fn apply(live: &Live, running: &Config, new: &Config) {
             format!("{:?}", running.logging) != format!("{:?}", new.logging),
         ),
         (
+            "policy.suspect_after/suspect_codes",
+            running.policy.suspect_after != new.policy.suspect_after
+                || running.policy.suspect_codes != new.policy.suspect_codes,
+        ),
+        (
             "privacy",
             running.privacy.pseudonym_key.expose() != new.privacy.pseudonym_key.expose(),
         ),

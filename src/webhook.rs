@@ -22,6 +22,8 @@ use crate::metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
 pub const SIGNATURE_HEADER: &str = "x-smsgw-signature";
+/// Webhooks claimed at once, per unit of concurrency.
+const CLAIM_FACTOR: usize = 8;
 /// Most results stored in one operation.
 const RESULTS_PER_COMMIT: usize = 512;
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -55,12 +57,15 @@ impl WebhookSender {
         let (results, outcomes) = mpsc::channel(this.config.concurrency * 4);
         let recorder = tokio::spawn(record_results(this.store.clone(), outcomes));
         let signals = this.store.signals().clone();
+        // Claims are made in large batches (each is a trip through the store's writer, which is
+        // busy under load) and posted as permits free up; the lease covers the wait.
+        let claim_size = this.config.concurrency * CLAIM_FACTOR;
+        let lease_ms = this.config.timeout.as_millis() as i64 * (CLAIM_FACTOR as i64 + 2) + 30_000;
         while !shutdown.is_cancelled() {
             let room = permits.available_permits();
-            let lease_until = now_ms() + (this.config.timeout.as_millis() as i64) * 2 + 30_000;
             let jobs = if room > 0 {
                 this.store
-                    .claim_webhooks(room, lease_until)
+                    .claim_webhooks(claim_size, now_ms() + lease_ms)
                     .await
                     .unwrap_or_else(|e| {
                         warn!(error = %e, "claiming webhooks failed");
@@ -82,6 +87,7 @@ impl WebhookSender {
                         let _ = results.send(outcome).await;
                     });
                 }
+                while posts.try_join_next().is_some() {}
                 continue;
             }
             // With every permit taken, only a finished post makes room: no polling meanwhile.

@@ -132,3 +132,37 @@ async fn smsgw_status_reads_the_running_gateway() {
     assert!(status.status.success(), "{status:?}");
     assert!(text.contains("\"binds_up\": 1"), "{text}");
 }
+
+#[tokio::test]
+async fn a_retry_after_an_opt_out_is_refused_at_send_time() {
+    let (_dir, db) = temp_db();
+    let sim = Sim::start(SimConfig {
+        reject_ratio: 1.0,
+        ..sim_config()
+    })
+    .await;
+    let gateway = Gateway::start(parse_config(&config_text(&db, sim.address(), None))).await;
+    gateway.wait_ready().await;
+    let marketing = json!({ "to": TO, "from": "iP1", "text": "Sale", "category": "marketing" });
+    let (_, answer) = gateway.post(KEY_A, &marketing).await;
+    let id = answer["id"].as_str().unwrap();
+    gateway.wait_status(KEY_A, id, "failed").await;
+
+    gateway
+        .post_json(KEY_A, "/v1/opt-outs", &json!({ "number": TO }))
+        .await;
+    sim.handle.set_config(sim_config());
+    assert_eq!(
+        admin(&gateway, true, &format!("/admin/queue/{id}/retry"))
+            .await
+            .0,
+        200
+    );
+    let m = gateway.wait_status(KEY_A, id, "refused_opted_out").await;
+    assert!(m["detail"].as_str().unwrap().contains("opted out"));
+    assert_eq!(
+        sim.handle.submitted_count(),
+        0,
+        "nothing reached the carrier"
+    );
+}

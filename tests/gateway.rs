@@ -457,12 +457,31 @@ async fn bad_input_gets_a_specific_client_error() {
     );
     // Account b has no webhook secret: an unsigned callback is refused.
     let (status, answer) = gateway
-        .post(KEY_B, &json!({ "to": TO, "from": "Other", "text": "x", "callback_url": "http://127.0.0.1:9/x" }))
+        .post(KEY_B, &json!({ "to": TO, "from": "Other", "text": "x", "callback_url": "https://hooks.example.com/x" }))
         .await;
     assert_eq!(
         (status, answer["error"]["code"].as_str()),
         (422, Some("webhooks_not_configured"))
     );
+    // A callback may not reach this machine or a private network (the admin API is there).
+    for url in [
+        "http://127.0.0.1:8081/admin/carriers/sim/pause",
+        "http://localhost/x",
+        "http://10.0.0.8/x",
+        "http://[::1]/x",
+    ] {
+        let (status, answer) = gateway
+            .post(
+                KEY_A,
+                &json!({ "to": TO, "from": "iP1", "text": "x", "callback_url": url }),
+            )
+            .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (422, Some("invalid_callback_url")),
+            "{url}"
+        );
+    }
 
     let (status, _, answer) = gateway.post_raw(KEY_A, b"{\"to\": ".to_vec(), &[]).await;
     assert_eq!(

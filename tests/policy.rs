@@ -502,3 +502,52 @@ async fn a_subject_export_holds_everything_of_the_account_about_the_number_and_n
     assert!(export_b["inbound"].as_array().unwrap().is_empty());
     assert!(export_b["opt_outs"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_number_change_dated_ahead_stops_messages_scheduled_after_it() {
+    let (_dir, sim, gateway, _hooks) = setup(sim_config()).await;
+    let in_seconds = |s: i64| {
+        (time::OffsetDateTime::now_utc() + time::Duration::seconds(s))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    // The number stops being the recipient's in one second; a message is scheduled for two.
+    let (status, _) = gateway
+        .post_json(
+            KEY_A,
+            "/v1/number-changes",
+            &json!({ "number": HANDSET, "kind": "deactivated", "effective_at": in_seconds(1) }),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, scheduled) = gateway
+        .post(
+            KEY_A,
+            &json!({ "to": HANDSET, "from": "iP1", "text": "later", "send_at": in_seconds(2),
+                     "consent_at": rfc3339_ago(1) }),
+        )
+        .await;
+    assert_eq!(
+        (status, scheduled["status"].as_str()),
+        (202, Some("scheduled"))
+    );
+    gateway
+        .wait_status(
+            KEY_A,
+            scheduled["id"].as_str().unwrap(),
+            "refused_number_changed",
+        )
+        .await;
+    assert!(texts_to(&sim, HANDSET).is_empty());
+
+    let (status, answer) = gateway
+        .post(
+            KEY_A,
+            &json!({ "to": HANDSET, "from": "iP1", "text": "x", "consent_at": in_seconds(3600) }),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (422, Some("consent_at"))
+    );
+}

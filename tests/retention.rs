@@ -90,7 +90,7 @@ async fn purge_removes_bodies_past_the_retention_and_keeps_the_rest() {
     ];
     let render = Arc::new(|_: &[NewMessage]| (202, String::new()));
     let result = store
-        .submit(AccountPolicy::default(), messages, None, render)
+        .submit("a", AccountPolicy::default(), messages, None, render)
         .await
         .unwrap();
     assert!(matches!(result, SubmitResult::Stored { .. }));

@@ -144,6 +144,8 @@ pub(super) enum SubmitRefused {
 }
 
 const MAX_REFERENCE: usize = 128;
+/// Clocks of applications and the gateway may differ this much.
+const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 /// How far ahead a message may be scheduled.
 const MAX_SCHEDULE_AHEAD_MS: i64 = 365 * 24 * 3600 * 1000;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -219,7 +221,7 @@ pub async fn submit(
     let render = parsed.renderer();
     match state
         .store
-        .submit(policy, parsed.messages, idempotency, render)
+        .submit(&account.name, policy, parsed.messages, idempotency, render)
         .await?
     {
         SubmitResult::Stored {
@@ -459,6 +461,14 @@ fn validate(
         .map(|t| parse_time(t, "consent_at"))
         .transpose()?
         .or(account.default_consent_at);
+    // Consent from the future would outrank every number change (rule 3).
+    if consent_at.is_some_and(|at| at > now + CLOCK_SKEW_MS) {
+        return Err(ApiError::invalid(
+            "invalid_time",
+            "consent_at",
+            "`consent_at` cannot be in the future",
+        ));
+    }
     let send_at = request
         .send_at
         .as_deref()
@@ -557,15 +567,35 @@ fn parse_validity(text: &str, max: Duration) -> Result<Duration, ApiError> {
     Ok(validity)
 }
 
+/// A callback is set by an application, not the operator: it may not point at this machine or
+/// a private network (the admin API listens on loopback). The account's `webhook_url`, from
+/// the operator's configuration, may. Names that resolve to such addresses are not caught here.
 fn check_callback_url(url: &str) -> Result<(), ApiError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(ApiError::invalid(
-            "invalid_callback_url",
-            "callback_url",
-            "`callback_url` must be an absolute http or https URL",
-        )),
+    let invalid =
+        |message: &str| ApiError::invalid("invalid_callback_url", "callback_url", message);
+    let url = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| invalid("`callback_url` must be an absolute http or https URL"))?;
+    let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+    let private = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_unique_local()
+                || ip.is_unicast_link_local()
+        }
+        Err(_) => host.is_empty() || host == "localhost" || host.ends_with(".localhost"),
+    };
+    if private {
+        return Err(invalid(
+            "`callback_url` may not point at this machine or a private network",
+        ));
     }
+    Ok(())
 }
 
 /// A message id in a path; one that is not a message id is answered like an unknown one.

@@ -204,7 +204,8 @@ pub async fn remove_opt_out(
     let account = authenticate(&state, &headers)?;
     let query = super::query(query)?;
     let number = path_number(number_text)?;
-    let sender = sender(query.sender.as_deref())?;
+    // Without `sender`, the entry for every sender; a STOP the person sent to one sender stays.
+    let sender = sender(query.sender.as_deref())?.or(Some(String::new()));
     let removed = state
         .store
         .remove_opt_out(&account.name, &number, sender, by_api(&account))
@@ -830,7 +831,8 @@ fn subject_data(number: &str, export: &SubjectExport) -> SubjectData {
 pub struct ErasureResult {
     messages: u64,
     inbound: u64,
-    number_changes: u64,
+    /// Kept: like an opt-out, a number change protects whoever holds the number now.
+    number_changes_kept: u64,
     /// Opt-outs kept as pseudonymised suppression entries.
     suppressions_kept: u64,
 }
@@ -862,7 +864,7 @@ pub async fn erase_subject(
     Ok(Json(ErasureResult {
         messages: erased.messages,
         inbound: erased.inbound,
-        number_changes: erased.number_changes,
+        number_changes_kept: erased.number_changes_kept,
         suppressions_kept: erased.suppressions_kept,
     }))
 }

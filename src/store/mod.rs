@@ -165,7 +165,8 @@ pub struct Purge {
 pub struct Erasure {
     pub messages: u64,
     pub inbound: u64,
-    pub number_changes: u64,
+    /// Kept: they protect the person who holds the number now.
+    pub number_changes_kept: u64,
     /// Opt-outs kept as pseudonymised suppression entries.
     pub suppressions_kept: u64,
 }
@@ -358,6 +359,7 @@ pub trait Store: Send + Sync + 'static {
     /// it as decided, and stores the rendered answer under the idempotency key if any.
     async fn submit(
         &self,
+        account: &str,
         policy: AccountPolicy,
         messages: Vec<NewMessage>,
         idempotency: Option<IdempotencyRequest>,

@@ -47,6 +47,7 @@ struct Job {
 
 enum Op {
     Submit {
+        account: String,
         policy: AccountPolicy,
         messages: Vec<NewMessage>,
         idempotency: Option<IdempotencyRequest>,
@@ -257,12 +258,14 @@ fn unexpected(reply: Reply) -> StoreError {
 impl Store for SqliteStore {
     async fn submit(
         &self,
+        account: &str,
         policy: AccountPolicy,
         messages: Vec<NewMessage>,
         idempotency: Option<IdempotencyRequest>,
         render: RenderAnswer,
     ) -> Result<SubmitResult, StoreError> {
         let op = Op::Submit {
+            account: account.to_owned(),
             policy,
             messages,
             idempotency,
@@ -679,6 +682,7 @@ async fn apply_batch(
 async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Reply, StoreError> {
     Ok(match op {
         Op::Submit {
+            account,
             policy,
             messages,
             idempotency,
@@ -686,6 +690,7 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         } => Reply::Submit(
             submit(
                 tx,
+                account,
                 policy,
                 messages,
                 idempotency.as_ref(),
@@ -729,7 +734,7 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
             Reply::Cancel(cancel(tx, Some(account), *id, now, wake).await?)
         }
         Op::Claim { limit, lease_until } => {
-            Reply::Claimed(claim(tx, *limit, *lease_until, now).await?)
+            Reply::Claimed(claim(tx, *limit, *lease_until, now, wake).await?)
         }
         Op::Attempts(results) => {
             for result in results {
@@ -762,8 +767,10 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn submit(
     tx: &mut Tx<'_>,
+    account: &str,
     policy: &AccountPolicy,
     messages: &[NewMessage],
     idempotency: Option<&IdempotencyRequest>,
@@ -771,7 +778,6 @@ async fn submit(
     now: i64,
     wake: &mut Wake,
 ) -> Result<SubmitResult, StoreError> {
-    let account = messages.first().map(|m| m.account.as_str()).unwrap_or("");
     if let Some(request) = idempotency {
         let first = sqlx::query(
             "SELECT key, request_hash, status_code, answer FROM idempotency
@@ -789,7 +795,7 @@ async fn submit(
     for message in messages {
         let mut m = message.clone();
         policy::evaluate(tx, policy, &mut m, now, wake).await?;
-        insert_message(tx, &m, now, wake).await?;
+        insert_message(tx, &m, policy.service_messages, now, wake).await?;
         decided.push(m);
     }
     let (status_code, answer) = render(&decided);
@@ -814,9 +820,12 @@ async fn submit(
 }
 
 /// Inserts a message with its first event (and webhook).
+/// `service_messages`: the account may send service messages to opted-out numbers (kept for
+/// the check at send time).
 async fn insert_message(
     tx: &mut Tx<'_>,
     m: &NewMessage,
+    service_messages: bool,
     now: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
@@ -824,8 +833,9 @@ async fn insert_message(
     sqlx::query(
         "INSERT INTO messages (id, account, reference, recipient, sender, body, category,
              encoding, segments, priority, webhook_url, consent_at, status, detail,
-             created_at, updated_at, due_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17)",
+             created_at, updated_at, due_at, expires_at, service_messages)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17,
+                 ?18)",
     )
     .bind(&id)
     .bind(&m.account)
@@ -844,6 +854,7 @@ async fn insert_message(
     .bind(m.created_at)
     .bind(m.due_at)
     .bind(m.expires_at)
+    .bind(service_messages)
     .execute(&mut **tx)
     .await?;
     let target = Some(WebhookTarget {
@@ -966,6 +977,7 @@ async fn claim(
     limit: usize,
     lease_until: i64,
     now: i64,
+    wake: &mut Wake,
 ) -> Result<Vec<Claimed>, StoreError> {
     let rows = sqlx::query(
         "UPDATE messages SET status = 'sending', locked_until = ?1, attempts = attempts + 1,
@@ -973,7 +985,8 @@ async fn claim(
          WHERE id IN (SELECT id FROM messages
                       WHERE status IN ('queued', 'scheduled') AND due_at <= ?2
                       ORDER BY priority DESC, due_at LIMIT ?3)
-         RETURNING id, account, recipient, sender, body, encoding, segments, attempts, expires_at",
+         RETURNING id, account, recipient, sender, body, encoding, segments, attempts, expires_at,
+                   category, consent_at, service_messages, webhook_url, reference",
     )
     .bind(lease_until)
     .bind(now)
@@ -983,6 +996,33 @@ async fn claim(
     let mut claimed = Vec::with_capacity(rows.len());
     for row in rows {
         let id: String = row.try_get("id")?;
+        // What changed while the message waited (an opt-out, a number change, a suspect
+        // number, a retry by an operator) stops it here, at the last moment before sending.
+        if let Some((status, detail)) = policy::recheck(tx, &row, now, wake).await? {
+            let target = target_from_row(&row)?;
+            sqlx::query(
+                "UPDATE messages SET status = ?2, detail = ?3, locked_until = NULL, updated_at = ?4
+                 WHERE id = ?1",
+            )
+            .bind(&id)
+            .bind(status.as_str())
+            .bind(&detail)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            add_event(
+                tx,
+                &id,
+                status,
+                Some(&detail),
+                None,
+                now,
+                target.as_ref(),
+                wake,
+            )
+            .await?;
+            continue;
+        }
         let attempt = row.try_get::<i64, _>("attempts")? as u32;
         let accepted_parts = if attempt > 1 {
             sqlx::query_scalar::<_, i64>("SELECT part FROM parts WHERE message_id = ?1")
@@ -1199,18 +1239,19 @@ async fn apply_receipt(
     // Carrier feedback on the number: "unknown subscriber" counts towards suspect, a delivery
     // shows the number works.
     let recipient: String = row.try_get("recipient")?;
-    match (&receipt.error_code, receipt.state) {
-        (_, ReceiptState::Delivered) => policy::reset_failures(tx, &recipient).await?,
-        (Some(code), state) if state.is_final() && wake.rules.is_suspect_code(code) => {
-            policy::count_failure(tx, &recipient, code, now, wake).await?
-        }
-        _ => {}
-    }
     let next = if !receipt.state.is_final() || current.is_final() {
         None
     } else {
         rolled_up_status(tx, &id, segments, receipt.state).await?
     };
+    // Counted once per message that ends, not per part or duplicate receipt.
+    match (&receipt.error_code, next) {
+        (_, Some(Status::Delivered)) => policy::reset_failures(tx, &recipient).await?,
+        (Some(code), Some(_)) if wake.rules.is_suspect_code(code) => {
+            policy::count_failure(tx, &recipient, code, now, wake).await?
+        }
+        _ => {}
+    }
     match next {
         Some(status) => {
             sqlx::query(

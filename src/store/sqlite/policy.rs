@@ -33,7 +33,7 @@ pub(super) async fn evaluate(
     }
     // The usual case costs one statement: three indexed existence checks. The events are read
     // only for a number that has some.
-    let mut facts = Facts::of(tx, wake, m).await?;
+    let mut facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender).await?;
     // A new number may itself have changed since: follow a short chain, never a loop.
     for hop in 0..=MAX_REDIRECTS {
         if !facts.changed {
@@ -62,7 +62,7 @@ pub(super) async fn evaluate(
                     None => note,
                 });
                 m.recipient = to;
-                facts = Facts::of(tx, wake, m).await?;
+                facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender).await?;
             }
         }
     }
@@ -92,6 +92,48 @@ pub(super) async fn evaluate(
 const HELD_DETAIL: &str =
     "held: carriers report this number unknown; clear it, or report it deactivated";
 
+/// The policy again, at send time, for a claimed row (`RETURNING` id, account, recipient,
+/// sender, category, consent_at, service_messages): a refusal or hold, or None to send.
+/// A number change here refuses; redirects are decided at submission and when a change is
+/// recorded, not in the middle of sending.
+pub(super) async fn recheck(
+    tx: &mut Tx<'_>,
+    row: &sqlx::sqlite::SqliteRow,
+    now: i64,
+    wake: &Wake,
+) -> Result<Option<(Status, String)>, StoreError> {
+    let category: Category = row
+        .try_get::<String, _>("category")?
+        .parse()
+        .map_err(|_| StoreError::Corrupt("category".into()))?;
+    let account: String = row.try_get("account")?;
+    let recipient: String = row.try_get("recipient")?;
+    let sender: String = row.try_get("sender")?;
+    let facts = Facts::of(tx, wake, &account, &recipient, &sender).await?;
+    if facts.changed {
+        let events = change_events(tx, &account, &recipient).await?;
+        let consent_at: Option<i64> = row.try_get("consent_at")?;
+        if let NumberDecision::Refuse { kind, effective_at } =
+            number_change::decide(&events, consent_at, now, false)
+        {
+            let detail = format!(
+                "the number was {kind} at {}, after the recipient's consent",
+                rfc3339(effective_at)
+            );
+            return Ok(Some((Status::RefusedNumberChanged, detail)));
+        }
+    }
+    let service: bool = row.try_get("service_messages")?;
+    if opt_out::decide(category, facts.opted_out, service) == SendDecision::Refuse {
+        let detail = "the recipient opted out of messages from this sender";
+        return Ok(Some((Status::RefusedOptedOut, detail.into())));
+    }
+    if facts.suspect {
+        return Ok(Some((Status::HeldSuspect, HELD_DETAIL.into())));
+    }
+    Ok(None)
+}
+
 /// What the store knows about a message's recipient that the policy needs.
 struct Facts {
     changed: bool,
@@ -109,12 +151,18 @@ pub const FACTS_QUERY: &str = "SELECT
      EXISTS (SELECT 1 FROM suspects WHERE number = ?1 AND suspect = 1) AS suspect";
 
 impl Facts {
-    async fn of(tx: &mut Tx<'_>, wake: &Wake, m: &NewMessage) -> Result<Facts, StoreError> {
+    async fn of(
+        tx: &mut Tx<'_>,
+        wake: &Wake,
+        account: &str,
+        recipient: &str,
+        sender: &str,
+    ) -> Result<Facts, StoreError> {
         let row = sqlx::query(FACTS_QUERY)
-            .bind(&m.recipient)
-            .bind(&m.account)
-            .bind(wake.rules.number_key(&m.recipient))
-            .bind(&m.sender)
+            .bind(recipient)
+            .bind(account)
+            .bind(wake.rules.number_key(recipient))
+            .bind(sender)
             .fetch_one(&mut **tx)
             .await?;
         Ok(Facts {
@@ -263,7 +311,8 @@ async fn send_reply(
         due_at: now,
         expires_at: now + REPLY_VALIDITY_MS,
     };
-    insert_message(tx, &reply, now, wake).await
+    // The confirmation of an opt-out goes to an opted-out number by design.
+    insert_message(tx, &reply, true, now, wake).await
 }
 
 pub(super) async fn add_opt_outs(
@@ -748,6 +797,17 @@ pub(super) async fn erase_subject(
     .bind(number)
     .execute(&mut **tx)
     .await?;
+    // Webhooks not yet posted may carry the number (inbound `from`) or its messages.
+    sqlx::query(
+        "DELETE FROM webhooks WHERE account = ?1
+           AND (json_extract(payload, '$.from') = ?2
+                OR json_extract(payload, '$.message_id') IN
+                   (SELECT id FROM messages WHERE account = ?1 AND recipient = ?2))",
+    )
+    .bind(account)
+    .bind(number)
+    .execute(&mut **tx)
+    .await?;
     let messages = sqlx::query("DELETE FROM messages WHERE account = ?1 AND recipient = ?2")
         .bind(account)
         .bind(number)
@@ -760,14 +820,14 @@ pub(super) async fn erase_subject(
         .execute(&mut **tx)
         .await?
         .rows_affected();
-    let number_changes = sqlx::query(
-        "DELETE FROM number_changes WHERE account = ?1 AND (number = ?2 OR new_number = ?2)",
+    // Number changes stay: like an opt-out, they protect whoever holds the number now.
+    let number_changes_kept: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM number_changes WHERE account = ?1 AND number = ?2",
     )
     .bind(account)
     .bind(number)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    .fetch_one(&mut **tx)
+    .await?;
     let key = wake.rules.number_key(number);
     let suppressions_kept =
         sqlx::query("UPDATE opt_outs SET number = NULL WHERE account = ?1 AND number_key = ?2")
@@ -784,7 +844,7 @@ pub(super) async fn erase_subject(
     Ok(Erasure {
         messages,
         inbound,
-        number_changes,
+        number_changes_kept: number_changes_kept as u64,
         suppressions_kept,
     })
 }
