@@ -203,7 +203,7 @@ impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
             body_days: 30,
-            event_days: 90,
+            event_days: 30,
             canceled_days: 30,
             idempotency_hours: 24,
             interval: Duration::from_secs(3600),
@@ -521,9 +521,9 @@ impl Config {
             "must be between 1 and 30 (deleted data is kept at most one month)",
         );
         need(
-            r.event_days >= 1,
+            (1..=30).contains(&r.event_days),
             "retention.event_days",
-            "must be at least 1",
+            "must be between 1 and 30 (history can name numbers; personal data is kept at most one month)",
         );
         need(
             r.idempotency_hours >= 1,

@@ -72,7 +72,7 @@ mod tests {
         let c = cutoffs(&config, now);
         assert_eq!(c.bodies_before, 70 * DAY_MS);
         assert_eq!(c.canceled_before, 70 * DAY_MS);
-        assert_eq!(c.events_before, 10 * DAY_MS);
+        assert_eq!(c.events_before, 70 * DAY_MS);
         assert_eq!(c.idempotency_before, 99 * DAY_MS);
     }
 }

@@ -49,6 +49,19 @@ async fn body_of(db: &std::path::Path, id: MessageId) -> Option<Option<String>> 
     body
 }
 
+async fn recipient_of(db: &std::path::Path, id: MessageId) -> String {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let recipient: String = sqlx::query_scalar("SELECT recipient FROM messages WHERE id = ?1")
+        .bind(id.to_string())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    recipient
+}
+
 fn purge(config: &std::path::Path, dry_run: bool) -> String {
     let mut args = vec!["purge"];
     if dry_run {
@@ -111,6 +124,11 @@ async fn purge_removes_bodies_past_the_retention_and_keeps_the_rest() {
         Some(None),
         "the old body is gone, the row stays"
     );
+    assert!(
+        recipient_of(&db, old_done).await.starts_with('~'),
+        "its number is a pseudonym now"
+    );
+    assert_eq!(recipient_of(&db, recent).await, "+46701234567");
     assert_eq!(
         body_of(&db, old_canceled).await,
         None,

@@ -726,7 +726,7 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
             cutoffs,
             limit,
             dry_run,
-        } => Reply::Purged(purge(tx, cutoffs, *limit, *dry_run).await?),
+        } => Reply::Purged(purge(tx, cutoffs, *limit, *dry_run, &wake.rules).await?),
         Op::EraseSubject { account, number } => {
             Reply::Erased(policy::erase_subject(tx, account, number, wake).await?)
         }
@@ -1396,6 +1396,14 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
     Ok(rows.len() as u64)
 }
 
+/// What is left of a number after the retention period.
+fn anonymous(rules: &StoreRules, number: &str) -> String {
+    if number.starts_with('~') {
+        return number.to_owned();
+    }
+    format!("~{}", rules.pseudonyms.pseudonym(number))
+}
+
 /// The retention purge. Ids are UUIDv7, so "created before" is an id range on the primary
 /// key and the purge never scans the whole history. A dry run does the same work inside a
 /// savepoint and rolls it back, so its counts are exact.
@@ -1404,32 +1412,49 @@ async fn purge(
     cutoffs: &Cutoffs,
     limit: u32,
     dry_run: bool,
+    rules: &StoreRules,
 ) -> Result<Purge, StoreError> {
     let id_before = |ms: i64| MessageId::first_at(ms).to_string();
     let limit = limit as i64;
     if dry_run {
         sqlx::query("SAVEPOINT dry_run").execute(&mut **tx).await?;
     }
-    let message_bodies = sqlx::query(
-        "UPDATE messages SET body = NULL WHERE id IN (
-             SELECT id FROM messages WHERE id < ?1 AND body IS NOT NULL
-               AND status NOT IN ('queued', 'scheduled', 'sending', 'held_suspect')
-             LIMIT ?2)",
+    // Past the retention, a message keeps its statistics only: its text goes, its number
+    // becomes a pseudonym (`~` and 16 hex digits) and its status note (which may name a
+    // number) goes.
+    let done = sqlx::query(
+        "SELECT id, recipient FROM messages WHERE id < ?1 AND body IS NOT NULL
+           AND status NOT IN ('queued', 'scheduled', 'sending', 'held_suspect')
+         LIMIT ?2",
     )
     .bind(id_before(cutoffs.bodies_before))
     .bind(limit)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    let inbound_bodies = sqlx::query(
-        "UPDATE inbound SET body = NULL WHERE id IN (
-             SELECT id FROM inbound WHERE id < ?1 AND body IS NOT NULL LIMIT ?2)",
-    )
-    .bind(id_before(cutoffs.bodies_before))
-    .bind(limit)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &done {
+        let recipient: String = row.try_get("recipient")?;
+        sqlx::query("UPDATE messages SET body = NULL, detail = NULL, recipient = ?2 WHERE id = ?1")
+            .bind(row.try_get::<String, _>("id")?)
+            .bind(anonymous(rules, &recipient))
+            .execute(&mut **tx)
+            .await?;
+    }
+    let message_bodies = done.len() as u64;
+    let inbound =
+        sqlx::query("SELECT id, sender FROM inbound WHERE id < ?1 AND body IS NOT NULL LIMIT ?2")
+            .bind(id_before(cutoffs.bodies_before))
+            .bind(limit)
+            .fetch_all(&mut **tx)
+            .await?;
+    for row in &inbound {
+        let sender: String = row.try_get("sender")?;
+        sqlx::query("UPDATE inbound SET body = NULL, sender = ?2 WHERE id = ?1")
+            .bind(row.try_get::<String, _>("id")?)
+            .bind(anonymous(rules, &sender))
+            .execute(&mut **tx)
+            .await?;
+    }
+    let inbound_bodies = inbound.len() as u64;
     let webhooks = sqlx::query(
         "DELETE FROM webhooks WHERE id IN (SELECT id FROM webhooks WHERE created_at < ?1 LIMIT ?2)",
     )
