@@ -336,6 +336,21 @@ async fn a_changed_number_is_followed_for_accounts_that_ask_and_refused_for_othe
         (status, refused["status"].as_str()),
         (422, Some("refused_number_changed"))
     );
+    // An opt-out from the old number follows the person to the new one.
+    gateway
+        .post_json(KEY_C, "/v1/opt-outs", &json!({ "number": HANDSET }))
+        .await;
+    let (status, refused) = gateway
+        .post(
+            KEY_C,
+            &json!({ "to": HANDSET, "from": "Shop", "text": "Sale", "category": "marketing",
+                     "consent_at": rfc3339_ago(100) }),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["status"].as_str()),
+        (422, Some("refused_opted_out"))
+    );
 }
 
 #[tokio::test]

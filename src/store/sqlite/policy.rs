@@ -34,6 +34,8 @@ pub(super) async fn evaluate(
     // The usual case costs one statement: three indexed existence checks. The events are read
     // only for a number that has some.
     let mut facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender).await?;
+    // An opt-out belongs to the person: it follows them to their new number.
+    let mut opted_out = facts.opted_out;
     // A new number may itself have changed since: follow a short chain, never a loop.
     for hop in 0..=MAX_REDIRECTS {
         if !facts.changed {
@@ -63,10 +65,11 @@ pub(super) async fn evaluate(
                 });
                 m.recipient = to;
                 facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender).await?;
+                opted_out |= facts.opted_out;
             }
         }
     }
-    match opt_out::decide(m.category, facts.opted_out, policy.service_messages) {
+    match opt_out::decide(m.category, opted_out, policy.service_messages) {
         SendDecision::Send => {}
         SendDecision::SendOverridingOptOut => {
             let note = "service message sent although the recipient opted out (the account may \
