@@ -47,10 +47,7 @@ pub(super) async fn evaluate(
             NumberDecision::Send => break,
             NumberDecision::Refuse { kind, effective_at } => {
                 m.status = Status::RefusedNumberChanged;
-                m.detail = Some(format!(
-                    "the number was {kind} at {}, after the recipient's consent",
-                    rfc3339(effective_at)
-                ));
+                m.detail = Some(refusal_detail(kind, effective_at));
                 return Ok(());
             }
             NumberDecision::Redirect { to, effective_at } => {
@@ -119,10 +116,7 @@ pub(super) async fn recheck(
         if let NumberDecision::Refuse { kind, effective_at } =
             number_change::decide(&events, consent_at, now, false)
         {
-            let detail = format!(
-                "the number was {kind} at {}, after the recipient's consent",
-                rfc3339(effective_at)
-            );
+            let detail = refusal_detail(kind, effective_at);
             return Ok(Some((Status::RefusedNumberChanged, detail)));
         }
     }
@@ -135,6 +129,14 @@ pub(super) async fn recheck(
         return Ok(Some((Status::HeldSuspect, HELD_DETAIL.into())));
     }
     Ok(None)
+}
+
+/// Why a message was refused for a number change (history and API answer).
+fn refusal_detail(kind: &str, effective_at: i64) -> String {
+    format!(
+        "the number was {kind} at {}, after the recipient's consent",
+        rfc3339(effective_at)
+    )
 }
 
 /// What the store knows about a message's recipient that the policy needs.
@@ -603,10 +605,7 @@ async fn apply_change(
             NumberDecision::Send => continue,
             NumberDecision::Refuse { kind, effective_at } => (
                 Status::RefusedNumberChanged,
-                format!(
-                    "the number was {kind} at {}, after the recipient's consent",
-                    rfc3339(effective_at)
-                ),
+                refusal_detail(kind, effective_at),
             ),
             NumberDecision::Redirect { to, effective_at } => {
                 sqlx::query("UPDATE messages SET recipient = ?2 WHERE id = ?1")
