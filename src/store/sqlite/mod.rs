@@ -759,9 +759,7 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
             Reply::Webhooks(claim_webhooks(tx, *limit, *lease_until, now).await?)
         }
         Op::WebhookResults(results) => {
-            for (id, result) in results {
-                webhook_result(tx, *id, result).await?;
-            }
+            webhook_results(tx, results).await?;
             Reply::Done
         }
     })
@@ -994,6 +992,7 @@ async fn claim(
     .fetch_all(&mut **tx)
     .await?;
     let mut claimed = Vec::with_capacity(rows.len());
+    let mut sending = Vec::with_capacity(rows.len());
     for row in rows {
         let id: String = row.try_get("id")?;
         // What changed while the message waited (an opt-out, a number change, a suspect
@@ -1035,14 +1034,7 @@ async fn claim(
         } else {
             Vec::new()
         };
-        sqlx::query(
-            "INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, 'sending', ?3)",
-        )
-        .bind(&id)
-        .bind(now)
-        .bind(format!("attempt {attempt}"))
-        .execute(&mut **tx)
-        .await?;
+        sending.push((id.clone(), format!("attempt {attempt}")));
         claimed.push(Claimed {
             id: parse_id(&id)?,
             account: row.try_get("account")?,
@@ -1057,6 +1049,18 @@ async fn claim(
             expires_at: row.try_get("expires_at")?,
             accepted_parts,
         });
+    }
+    // The `sending` events of the whole claim in one statement.
+    if !sending.is_empty() {
+        let events = serde_json::to_string(&sending).unwrap_or_else(|_| "[]".into());
+        sqlx::query(
+            "INSERT INTO events (message_id, at, status, detail)
+             SELECT value ->> 0, ?2, 'sending', value ->> 1 FROM json_each(?1)",
+        )
+        .bind(events)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(claimed)
 }
@@ -1303,6 +1307,8 @@ async fn rolled_up_status(
     latest: ReceiptState,
 ) -> Result<Option<Status>, StoreError> {
     match latest {
+        // The part just delivered is the whole message.
+        ReceiptState::Delivered if segments <= 1 => Ok(Some(Status::Delivered)),
         ReceiptState::Delivered => {
             let delivered: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM parts WHERE message_id = ?1 AND state = 'delivered'",
@@ -1554,40 +1560,44 @@ async fn claim_webhooks(
         .collect()
 }
 
-async fn webhook_result(
+/// Records post results: delivered and given-up webhooks leave the outbox in one statement
+/// (the common case, and one trip through the writer's connection instead of one each);
+/// retries, rare, are rescheduled one by one.
+async fn webhook_results(
     tx: &mut Tx<'_>,
-    id: i64,
-    result: &WebhookResult,
+    results: &[(i64, WebhookResult)],
 ) -> Result<(), StoreError> {
-    match result {
-        WebhookResult::Delivered => {
-            sqlx::query("DELETE FROM webhooks WHERE id = ?1")
+    let mut gone = Vec::with_capacity(results.len());
+    for (id, result) in results {
+        match result {
+            WebhookResult::Delivered => gone.push(*id),
+            WebhookResult::GiveUp { error } => {
+                tracing::warn!(webhook = id, %error, "webhook given up after its retry period");
+                gone.push(*id);
+            }
+            WebhookResult::RetryAt { at, error } => {
+                sqlx::query(
+                    "UPDATE webhooks SET due_at = ?2, locked_until = NULL, last_error = ?3
+                     WHERE id = ?1",
+                )
                 .bind(id)
+                .bind(at)
+                .bind(error)
                 .execute(&mut **tx)
                 .await?;
+            }
         }
-        WebhookResult::RetryAt { at, error } => {
-            sqlx::query(
-                "UPDATE webhooks SET due_at = ?2, locked_until = NULL, last_error = ?3 WHERE id = ?1",
-            )
-            .bind(id)
-            .bind(at)
-            .bind(error)
+    }
+    if !gone.is_empty() {
+        let ids = serde_json::to_string(&gone).unwrap_or_else(|_| "[]".into());
+        sqlx::query("DELETE FROM webhooks WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(ids)
             .execute(&mut **tx)
             .await?;
-        }
-        WebhookResult::GiveUp { error } => {
-            tracing::warn!(webhook = id, %error, "webhook given up after its retry period");
-            sqlx::query("DELETE FROM webhooks WHERE id = ?1")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-        }
     }
     Ok(())
 }
 
-/// Where a message's status changes are reported.
 /// Whose message an event is about, and where its status changes are posted (if anywhere).
 struct WebhookTarget {
     account: String,
