@@ -526,15 +526,8 @@ async fn a_number_change_dated_ahead_stops_messages_scheduled_after_it() {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap()
     };
-    // The number stops being the recipient's in one second; a message is scheduled for two.
-    let (status, _) = gateway
-        .post_json(
-            KEY_A,
-            "/v1/number-changes",
-            &json!({ "number": HANDSET, "kind": "deactivated", "effective_at": in_seconds(1) }),
-        )
-        .await;
-    assert_eq!(status, 201);
+    // A message is scheduled for two seconds from now; then the number is reported to stop
+    // being the recipient's in one second: at send time the change has taken effect.
     let (status, scheduled) = gateway
         .post(
             KEY_A,
@@ -545,6 +538,26 @@ async fn a_number_change_dated_ahead_stops_messages_scheduled_after_it() {
     assert_eq!(
         (status, scheduled["status"].as_str()),
         (202, Some("scheduled"))
+    );
+    let change = json!({ "number": HANDSET, "kind": "deactivated", "effective_at": in_seconds(1) });
+    let (status, answer) = gateway
+        .post_json(KEY_A, "/v1/number-changes", &change)
+        .await;
+    assert_eq!(
+        (status, answer["messages_affected"].as_u64()),
+        (201, Some(0))
+    );
+    // A message submitted now for later is refused at once: the change comes before it is due.
+    let (status, early) = gateway
+        .post(
+            KEY_A,
+            &json!({ "to": HANDSET, "from": "iP1", "text": "later too", "send_at": in_seconds(3),
+                     "consent_at": rfc3339_ago(1) }),
+        )
+        .await;
+    assert_eq!(
+        (status, early["status"].as_str()),
+        (422, Some("refused_number_changed"))
     );
     gateway
         .wait_status(

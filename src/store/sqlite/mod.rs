@@ -133,17 +133,61 @@ enum Reply {
 /// once committed.
 struct Wake {
     rules: Arc<StoreRules>,
+    clock: Arc<PolicyClock>,
     queue: bool,
     webhooks: bool,
 }
 
 impl Wake {
-    fn new(rules: &Arc<StoreRules>) -> Wake {
+    fn new(rules: &Arc<StoreRules>, clock: &Arc<PolicyClock>) -> Wake {
         Wake {
             rules: rules.clone(),
+            clock: clock.clone(),
             queue: false,
             webhooks: false,
         }
+    }
+}
+
+/// Counts changes of the policy's facts (opt-outs, number changes, suspects), so that a
+/// message is checked again at send time only when something changed since it was decided.
+/// The count only grows; a batch that rolls back leaves it higher than needed, which costs a
+/// needless check, never a missed one. It starts above every stored message's generation, so
+/// after a restart each waiting message is checked once more.
+#[derive(Debug)]
+struct PolicyClock {
+    generation: std::sync::atomic::AtomicI64,
+    /// The earliest future effective time of a number change: when it passes, the facts change.
+    next_effective: std::sync::atomic::AtomicI64,
+}
+
+impl PolicyClock {
+    fn current(&self) -> i64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn expect_change_at(&self, effective_at: i64) {
+        self.next_effective
+            .fetch_min(effective_at, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Bumps the generation if a dated change has taken effect; returns whether it did.
+    fn tick(&self, now: i64) -> bool {
+        let next = self
+            .next_effective
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if now < next {
+            return false;
+        }
+        self.next_effective
+            .store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        self.bump();
+        true
     }
 }
 
@@ -618,6 +662,18 @@ async fn run_writer(
     rules: Arc<StoreRules>,
     stop: CancellationToken,
 ) {
+    let clock = Arc::new(PolicyClock {
+        generation: std::sync::atomic::AtomicI64::new(1),
+        next_effective: std::sync::atomic::AtomicI64::new(i64::MAX),
+    });
+    let dated: Result<Option<i64>, _> =
+        sqlx::query_scalar("SELECT MIN(effective_at) FROM number_changes WHERE effective_at > ?1")
+            .bind(now_ms())
+            .fetch_one(&mut conn)
+            .await;
+    if let Ok(Some(at)) = dated {
+        clock.expect_change_at(at);
+    }
     let mut batch = Vec::with_capacity(max_batch);
     loop {
         // Biased towards jobs: on shutdown, everything already queued is still committed.
@@ -636,7 +692,7 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut wake = Wake::new(&rules);
+        let mut wake = Wake::new(&rules, &clock);
         match apply_batch(&mut conn, &batch, &mut wake).await {
             Ok(replies) => {
                 for (job, reply) in batch.drain(..).zip(replies) {
@@ -645,7 +701,7 @@ async fn run_writer(
             }
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
-                wake = Wake::new(&rules);
+                wake = Wake::new(&rules, &clock);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
@@ -831,9 +887,9 @@ async fn insert_message(
     sqlx::query(
         "INSERT INTO messages (id, account, reference, recipient, sender, body, category,
              encoding, segments, priority, webhook_url, consent_at, status, detail,
-             created_at, updated_at, due_at, expires_at, service_messages)
+             created_at, updated_at, due_at, expires_at, service_messages, policy_gen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17,
-                 ?18)",
+                 ?18, ?19)",
     )
     .bind(&id)
     .bind(&m.account)
@@ -853,6 +909,7 @@ async fn insert_message(
     .bind(m.due_at)
     .bind(m.expires_at)
     .bind(service_messages)
+    .bind(wake.clock.current())
     .execute(&mut **tx)
     .await?;
     let target = Some(WebhookTarget {
@@ -977,6 +1034,7 @@ async fn claim(
     now: i64,
     wake: &mut Wake,
 ) -> Result<Vec<Claimed>, StoreError> {
+    wake.clock.tick(now);
     let rows = sqlx::query(
         "UPDATE messages SET status = 'sending', locked_until = ?1, attempts = attempts + 1,
              updated_at = ?2
@@ -984,7 +1042,7 @@ async fn claim(
                       WHERE status IN ('queued', 'scheduled') AND due_at <= ?2
                       ORDER BY priority DESC, due_at LIMIT ?3)
          RETURNING id, account, recipient, sender, body, encoding, segments, attempts, expires_at,
-                   category, consent_at, service_messages, webhook_url, reference",
+                   category, consent_at, service_messages, webhook_url, reference, policy_gen",
     )
     .bind(lease_until)
     .bind(now)
@@ -997,7 +1055,11 @@ async fn claim(
         let id: String = row.try_get("id")?;
         // What changed while the message waited (an opt-out, a number change, a suspect
         // number, a retry by an operator) stops it here, at the last moment before sending.
-        if let Some((status, detail)) = policy::recheck(tx, &row, now, wake).await? {
+        // Checked only when something did change, or the message was out before.
+        let decided_in: i64 = row.try_get("policy_gen")?;
+        let retried = row.try_get::<i64, _>("attempts")? > 1;
+        let stale = decided_in < wake.clock.current() || retried;
+        if stale && let Some((status, detail)) = policy::recheck(tx, &row, now, wake).await? {
             let target = target_from_row(&row)?;
             sqlx::query(
                 "UPDATE messages SET status = ?2, detail = ?3, locked_until = NULL, updated_at = ?4

@@ -43,7 +43,8 @@ pub(super) async fn evaluate(
         }
         let events = change_events(tx, &m.account, &m.recipient).await?;
         let follow = policy.follow_number_changes && hop < MAX_REDIRECTS;
-        match number_change::decide(&events, m.consent_at, now, follow) {
+        // A change dated before the message is due counts: it would have taken effect by then.
+        match number_change::decide(&events, m.consent_at, now.max(m.due_at), follow) {
             NumberDecision::Send => break,
             NumberDecision::Refuse { kind, effective_at } => {
                 m.status = Status::RefusedNumberChanged;
@@ -371,6 +372,7 @@ async fn add_one(
         return Ok(false);
     }
     journal(tx, account, &key, number, scope, "opt_out", by, now).await?;
+    wake.clock.bump();
     crate::metrics::opt_out("opt_out", by.source);
     let detail = "the recipient opted out of messages from this sender";
     // Waiting messages (not yet out) that the opt-out covers.
@@ -570,6 +572,11 @@ pub(super) async fn add_number_changes(
         .execute(&mut **tx)
         .await?;
         crate::metrics::number_change(change.kind.as_str());
+        if change.effective_at <= now {
+            wake.clock.bump();
+        } else {
+            wake.clock.expect_change_at(change.effective_at);
+        }
         affected += apply_change(tx, change, follow, now, wake).await?;
     }
     Ok(affected)
@@ -720,6 +727,7 @@ pub(super) async fn count_failure(
         .bind(number)
         .execute(&mut **tx)
         .await?;
+    wake.clock.bump();
     tracing::warn!(
         number = %wake.rules.pseudonyms.pseudonym(number),
         failures,
