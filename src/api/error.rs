@@ -85,11 +85,6 @@ impl ApiError {
             ..ApiError::new(StatusCode::BAD_REQUEST, code, text)
         }
     }
-
-    pub fn with_field(mut self, field: &str) -> ApiError {
-        self.field = Some(field.to_owned());
-        self
-    }
 }
 
 impl From<StoreError> for ApiError {
