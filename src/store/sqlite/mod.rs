@@ -134,18 +134,53 @@ enum Reply {
 struct Wake {
     rules: Arc<StoreRules>,
     clock: Arc<PolicyClock>,
+    maybe: Arc<MaybeRows>,
     queue: bool,
     webhooks: bool,
 }
 
 impl Wake {
-    fn new(rules: &Arc<StoreRules>, clock: &Arc<PolicyClock>) -> Wake {
+    fn new(rules: &Arc<StoreRules>, clock: &Arc<PolicyClock>, maybe: &Arc<MaybeRows>) -> Wake {
         Wake {
             rules: rules.clone(),
             clock: clock.clone(),
+            maybe: maybe.clone(),
             queue: false,
             webhooks: false,
         }
+    }
+}
+
+/// Whether two small side tables may hold rows, so that the common case skips a statement:
+/// a receipt parked before its submit_sm_resp, and a number with unknown-subscriber results.
+/// Set on every insert; cleared only when a query inside the writer finds the table empty.
+/// A rolled-back insert leaves the flag set, which costs a statement, never a missed row.
+#[derive(Debug, Default)]
+struct MaybeRows {
+    early_receipts: std::sync::atomic::AtomicBool,
+    suspects: std::sync::atomic::AtomicBool,
+}
+
+impl MaybeRows {
+    fn get(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set(flag: &std::sync::atomic::AtomicBool, value: bool) {
+        flag.store(value, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Looks again (one statement), from inside the writer's transaction.
+    async fn refresh(&self, tx: &mut Tx<'_>) -> Result<(), StoreError> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM early_receipts) AS early,
+                    EXISTS (SELECT 1 FROM suspects) AS suspects",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Self::set(&self.early_receipts, row.try_get("early")?);
+        Self::set(&self.suspects, row.try_get("suspects")?);
+        Ok(())
     }
 }
 
@@ -674,6 +709,10 @@ async fn run_writer(
     if let Ok(Some(at)) = dated {
         clock.expect_change_at(at);
     }
+    // Until the first claim looks, assume both side tables hold rows.
+    let maybe = Arc::new(MaybeRows::default());
+    MaybeRows::set(&maybe.early_receipts, true);
+    MaybeRows::set(&maybe.suspects, true);
     let mut batch = Vec::with_capacity(max_batch);
     loop {
         // Biased towards jobs: on shutdown, everything already queued is still committed.
@@ -692,7 +731,7 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut wake = Wake::new(&rules, &clock);
+        let mut wake = Wake::new(&rules, &clock, &maybe);
         match apply_batch(&mut conn, &batch, &mut wake).await {
             Ok(replies) => {
                 for (job, reply) in batch.drain(..).zip(replies) {
@@ -701,7 +740,7 @@ async fn run_writer(
             }
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
-                wake = Wake::new(&rules, &clock);
+                wake = Wake::new(&rules, &clock, &maybe);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
@@ -1035,6 +1074,7 @@ async fn claim(
     wake: &mut Wake,
 ) -> Result<Vec<Claimed>, StoreError> {
     wake.clock.tick(now);
+    wake.maybe.refresh(tx).await?;
     let rows = sqlx::query(
         "UPDATE messages SET status = 'sending', locked_until = ?1, attempts = attempts + 1,
              updated_at = ?2
@@ -1203,7 +1243,8 @@ async fn record_attempt(
     }
     // Receipts that overtook their submit_sm_resp are applied now that their part is known,
     // even when the message itself moved on (its lease ended) in the meantime.
-    for part in &result.accepted {
+    let parked = MaybeRows::get(&wake.maybe.early_receipts);
+    for part in result.accepted.iter().filter(|_| parked) {
         let key = normalize_id(&part.carrier_message_id);
         let early = sqlx::query(
             "DELETE FROM early_receipts WHERE carrier = ?1 AND carrier_message_id = ?2
@@ -1253,6 +1294,7 @@ async fn apply_receipt(
     .fetch_optional(&mut **tx)
     .await?;
     let Some(part) = part else {
+        MaybeRows::set(&wake.maybe.early_receipts, true);
         sqlx::query(
             "INSERT INTO early_receipts (carrier, carrier_message_id, state, error_code, received_at)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1312,7 +1354,7 @@ async fn apply_receipt(
     };
     // Counted once per message that ends, not per part or duplicate receipt.
     match (&receipt.error_code, next) {
-        (_, Some(Status::Delivered)) => policy::reset_failures(tx, &recipient).await?,
+        (_, Some(Status::Delivered)) => policy::reset_failures(tx, &recipient, wake).await?,
         (Some(code), Some(_)) if wake.rules.is_suspect_code(code) => {
             policy::count_failure(tx, &recipient, code, now, wake).await?
         }

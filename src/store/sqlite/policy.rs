@@ -709,6 +709,7 @@ pub(super) async fn count_failure(
     now: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
+    super::MaybeRows::set(&wake.maybe.suspects, true);
     let row = sqlx::query(
         "INSERT INTO suspects (number, failures, suspect, updated_at) VALUES (?1, 1, 0, ?2)
          ON CONFLICT (number) DO UPDATE SET failures = failures + 1, updated_at = ?2
@@ -748,7 +749,14 @@ pub(super) async fn count_failure(
 }
 
 /// A delivery shows the number works: failures counted so far no longer add up.
-pub(super) async fn reset_failures(tx: &mut Tx<'_>, number: &str) -> Result<(), StoreError> {
+pub(super) async fn reset_failures(
+    tx: &mut Tx<'_>,
+    number: &str,
+    wake: &Wake,
+) -> Result<(), StoreError> {
+    if !super::MaybeRows::get(&wake.maybe.suspects) {
+        return Ok(());
+    }
     sqlx::query("DELETE FROM suspects WHERE number = ?1 AND suspect = 0")
         .bind(number)
         .execute(&mut **tx)
