@@ -1330,6 +1330,47 @@ async fn apply_receipt(
             .execute(&mut **tx)
             .await?;
     }
+    // The common case, a final receipt for a one-part message still open, in one statement.
+    if receipt.state.is_final() {
+        let status = match receipt.state {
+            ReceiptState::Delivered => Status::Delivered,
+            ReceiptState::Expired => Status::Expired,
+            _ => Status::Undelivered,
+        };
+        let detail = receipt_detail(part_no, 1, receipt);
+        let closed = sqlx::query(
+            "UPDATE messages SET status = ?2, detail = ?3,
+                 error_code = COALESCE(?4, error_code), updated_at = ?5
+             WHERE id = ?1 AND segments = 1
+               AND status IN ('queued', 'scheduled', 'sending', 'sent', 'held_suspect')
+             RETURNING account, webhook_url, reference, recipient",
+        )
+        .bind(&id)
+        .bind(status.as_str())
+        .bind(&detail)
+        .bind(&receipt.error_code)
+        .bind(now)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(row) = closed {
+            let recipient: String = row.try_get("recipient")?;
+            carrier_feedback(tx, &recipient, receipt, status, now, wake).await?;
+            let target = target_from_row(&row)?;
+            let code = receipt.error_code.as_deref();
+            add_event(
+                tx,
+                &id,
+                status,
+                Some(&detail),
+                code,
+                now,
+                target.as_ref(),
+                wake,
+            )
+            .await?;
+            return Ok(ReceiptMatch::Matched);
+        }
+    }
     let row = sqlx::query(
         "SELECT status, segments, account, webhook_url, reference, recipient
          FROM messages WHERE id = ?1",
@@ -1344,21 +1385,14 @@ async fn apply_receipt(
     let segments: i64 = row.try_get("segments")?;
     let target = target_from_row(&row)?;
     let detail = receipt_detail(part_no, segments, receipt);
-    // Carrier feedback on the number: "unknown subscriber" counts towards suspect, a delivery
-    // shows the number works.
     let recipient: String = row.try_get("recipient")?;
     let next = if !receipt.state.is_final() || current.is_final() {
         None
     } else {
         rolled_up_status(tx, &id, segments, receipt.state).await?
     };
-    // Counted once per message that ends, not per part or duplicate receipt.
-    match (&receipt.error_code, next) {
-        (_, Some(Status::Delivered)) => policy::reset_failures(tx, &recipient, wake).await?,
-        (Some(code), Some(_)) if wake.rules.is_suspect_code(code) => {
-            policy::count_failure(tx, &recipient, code, now, wake).await?
-        }
-        _ => {}
+    if let Some(status) = next {
+        carrier_feedback(tx, &recipient, receipt, status, now, wake).await?;
     }
     match next {
         Some(status) => {
@@ -1400,6 +1434,25 @@ async fn apply_receipt(
         }
     }
     Ok(ReceiptMatch::Matched)
+}
+
+/// Carrier feedback on the number, once per message that ends (not per part or duplicate
+/// receipt): "unknown subscriber" counts towards suspect, a delivery shows the number works.
+async fn carrier_feedback(
+    tx: &mut Tx<'_>,
+    recipient: &str,
+    receipt: &Receipt,
+    status: Status,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    match &receipt.error_code {
+        _ if status == Status::Delivered => policy::reset_failures(tx, recipient, wake).await,
+        Some(code) if wake.rules.is_suspect_code(code) => {
+            policy::count_failure(tx, recipient, code, now, wake).await
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The message status once a final receipt for one part is in: delivered when every part is,
