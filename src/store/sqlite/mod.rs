@@ -1100,28 +1100,7 @@ async fn claim(
         let retried = row.try_get::<i64, _>("attempts")? > 1;
         let stale = decided_in < wake.clock.current() || retried;
         if stale && let Some((status, detail)) = policy::recheck(tx, &row, now, wake).await? {
-            let target = target_from_row(&row)?;
-            sqlx::query(
-                "UPDATE messages SET status = ?2, detail = ?3, locked_until = NULL, updated_at = ?4
-                 WHERE id = ?1",
-            )
-            .bind(&id)
-            .bind(status.as_str())
-            .bind(&detail)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-            add_event(
-                tx,
-                &id,
-                status,
-                Some(&detail),
-                None,
-                now,
-                target.as_ref(),
-                wake,
-            )
-            .await?;
+            set_status(tx, &id, status, &detail, now, wake).await?;
             continue;
         }
         let attempt = row.try_get::<i64, _>("attempts")? as u32;
@@ -1760,6 +1739,29 @@ struct WebhookTarget {
     account: String,
     url: Option<String>,
     reference: Option<String>,
+}
+
+/// Moves one message to `status` (releasing any claim) and records the change.
+async fn set_status(
+    tx: &mut Tx<'_>,
+    id: &str,
+    status: Status,
+    detail: &str,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    let row = sqlx::query(
+        "UPDATE messages SET status = ?2, detail = ?3, locked_until = NULL, updated_at = ?4
+         WHERE id = ?1
+         RETURNING id, account, webhook_url, reference",
+    )
+    .bind(id)
+    .bind(status.as_str())
+    .bind(detail)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    add_events(tx, std::slice::from_ref(&row), status, detail, now, wake).await
 }
 
 /// Records the same status change for every message row of an `UPDATE ... RETURNING id,

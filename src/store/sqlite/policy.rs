@@ -5,7 +5,7 @@
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
-use super::{Tx, Wake, add_event, add_events, insert_message, target_from_row};
+use super::{Tx, Wake, add_events, insert_message, set_status};
 use crate::encoding;
 use crate::message::{Category, MessageId, Status, rfc3339};
 use crate::policy::number_change::{self, ChangeEvent, ChangeKind, NumberDecision};
@@ -628,28 +628,7 @@ async fn apply_change(
                 (Status::Queued, detail)
             }
         };
-        let row = sqlx::query(
-            "UPDATE messages SET status = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1
-             RETURNING account, webhook_url, reference",
-        )
-        .bind(&id)
-        .bind(status.as_str())
-        .bind(&detail)
-        .bind(now)
-        .fetch_one(&mut **tx)
-        .await?;
-        let target = target_from_row(&row)?;
-        add_event(
-            tx,
-            &id,
-            status,
-            Some(&detail),
-            None,
-            now,
-            target.as_ref(),
-            wake,
-        )
-        .await?;
+        set_status(tx, &id, status, &detail, now, wake).await?;
         wake.queue |= status == Status::Queued;
         affected += 1;
     }
