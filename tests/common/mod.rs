@@ -199,16 +199,14 @@ impl Gateway {
         }
     }
 
-    pub async fn post(&self, key: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}/v1/messages", self.url))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+    /// Sends an API request with `key` and returns the status and the JSON answer.
+    async fn call(&self, request: reqwest::RequestBuilder, key: &str) -> (u16, Value) {
+        let r = request.bearer_auth(key).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, key: &str, body: &Value) -> (u16, Value) {
+        self.post_json(key, "/v1/messages", body).await
     }
 
     pub async fn post_raw(
@@ -233,39 +231,22 @@ impl Gateway {
     }
 
     pub async fn get(&self, key: &str, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(key)
-            .send()
+        self.call(self.client.get(format!("{}{path}", self.url)), key)
             .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn post_json(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        let request = self.client.post(format!("{}{path}", self.url)).json(body);
+        self.call(request, key).await
     }
 
     pub async fn post_text(&self, key: &str, path: &str, body: &str) -> (u16, Value) {
-        let r = self
+        let request = self
             .client
             .post(format!("{}{path}", self.url))
-            .bearer_auth(key)
             .header("content-type", "text/csv")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+            .body(body.to_owned());
+        self.call(request, key).await
     }
 
     pub async fn get_text(&self, key: &str, path: &str) -> (u16, String) {
@@ -280,14 +261,8 @@ impl Gateway {
     }
 
     pub async fn delete(&self, key: &str, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .delete(format!("{}{path}", self.url))
-            .bearer_auth(key)
-            .send()
+        self.call(self.client.delete(format!("{}{path}", self.url)), key)
             .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn message(&self, key: &str, id: &str) -> Value {
