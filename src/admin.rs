@@ -8,8 +8,9 @@ use std::sync::Arc;
 use crate::api::auth::Accounts;
 use crate::api::policy::{NumberChangeRequest, number_change_from, parse_import};
 use crate::config::Config;
-use crate::message::{Msisdn, Pseudonymizer, rfc3339};
+use crate::message::{Category, Msisdn, Pseudonymizer, rfc3339};
 use crate::policy::number_change::ChangeKind;
+use crate::router::{CarrierState, Facts, NoRoute, Plan, RouteTable};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AccountPolicy, NumberChange, OptOutSource, Store, StoreError, StoreRules};
 
@@ -60,6 +61,62 @@ pub async fn call_daemon(config: &Config, post: bool, path: &str) -> Result<Stri
         .map(|v| format!("{v:#}"))
         .unwrap_or(body);
     Ok(format!("{pretty}\n"))
+}
+
+/// What routing decides for a message (`smsgw route`): asked of the running gateway, which
+/// knows its carriers' state and the routes in force; from the configuration alone when it does
+/// not answer.
+pub async fn route(
+    config: &Config,
+    to: &str,
+    sender: Option<&str>,
+    account: Option<&str>,
+    category: Category,
+) -> Result<String, AdminError> {
+    let recipient = e164(to)?;
+    let mut url = reqwest::Url::parse("http://gateway/admin/route")
+        .map_err(|e| AdminError::Invalid(e.to_string()))?;
+    url.query_pairs_mut()
+        .append_pair("to", &recipient)
+        .append_pair("sender", sender.unwrap_or(""))
+        .append_pair("account", account.unwrap_or(""))
+        .append_pair("category", category.as_str());
+    let path = format!("{}?{}", url.path(), url.query().unwrap_or(""));
+    let facts = Facts {
+        recipient: &recipient,
+        sender: sender.unwrap_or(""),
+        account: account.unwrap_or(""),
+        category,
+    };
+    let heading = format!(
+        "{recipient} (sender {}, account {}, category {})\n",
+        sender.unwrap_or("-"),
+        account.unwrap_or("-"),
+        category.as_str()
+    );
+    let (plan, source) = match call_daemon(config, false, &path).await {
+        Ok(answer) => {
+            let plan: Plan = serde_json::from_str(&answer)
+                .map_err(|e| AdminError::Invalid(format!("unexpected answer: {e}")))?;
+            (
+                plan,
+                format!("the running gateway at {}", config.admin.listen),
+            )
+        }
+        Err(AdminError::Refused { status: 404, .. }) => {
+            return Err(AdminError::Invalid(format!("{heading}{NoRoute}")));
+        }
+        Err(AdminError::Unreachable { url, .. }) => {
+            let table = RouteTable::from_config(config);
+            let plan = table
+                .preview(&facts, |_| CarrierState::Unknown)
+                .map_err(|e| AdminError::Invalid(format!("{heading}{e}")))?;
+            let source = format!("the configuration only (no gateway answered at {url})");
+            (plan, source)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(format!("{heading}{}decided by {source}\n", plan.render()))
 }
 
 /// The store and accounts of a configuration, for one command.

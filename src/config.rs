@@ -26,6 +26,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub accounts: Vec<AccountConfig>,
     pub carriers: Vec<CarrierConfig>,
+    /// Which carriers take which messages, first matching rule wins; none: every carrier.
+    pub routes: Vec<RouteConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -323,6 +325,69 @@ pub struct CarrierConfig {
     /// How long a draining bind waits for its window to empty at shutdown.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Refusals after which a message goes to the next carrier of its route at once, instead of
+    /// waiting for a retry here: status classes (`temporary`, `throttled`, `permanent`,
+    /// `session`) or codes (`0x58`). A carrier without a bound link is always skipped.
+    #[serde(default)]
+    pub failover_on: Vec<String>,
+    /// Whether submit_sm carries the message's remaining validity, so that the carrier stops
+    /// trying when the gateway would (SMPP time format, DOMAIN.md §2.4).
+    #[serde(default)]
+    pub validity_period: ValidityPeriod,
+}
+
+/// How a carrier is told a message's validity in `validity_period` of submit_sm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValidityPeriod {
+    /// Left empty: the carrier's default validity applies.
+    #[default]
+    None,
+    /// `000000020000000R`: the time left, counted from when the carrier receives it.
+    Relative,
+    /// `260301143000000+`: the moment it ends, in UTC.
+    Absolute,
+}
+
+/// One routing rule: the messages it takes (every condition given must hold; none given takes
+/// every message) and the carriers that send them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Shown by `smsgw route` and in message histories; `routes[i]` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Destination prefixes in E.164 (`+4670`); any one matches.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub sender: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub category: Option<crate::message::Category>,
+    /// The one carrier of the rule...
+    #[serde(default)]
+    pub carrier: Option<String>,
+    /// ...or a set sharing its messages by weight; the others of the set take over when the
+    /// chosen one cannot.
+    #[serde(default)]
+    pub carriers: Vec<WeightedCarrier>,
+    /// Tried in this order after the rule's carrier(s).
+    #[serde(default)]
+    pub failover: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCarrier {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 fn default_system_id() -> String {
@@ -548,6 +613,7 @@ impl Config {
         }
         self.validate_accounts(&mut problems);
         self.validate_carriers(&mut problems);
+        self.validate_routes(&mut problems);
         problems
     }
 
@@ -658,6 +724,84 @@ impl Config {
             if c.response_timeout.is_zero() {
                 problems.push(format!("{key}.response_timeout: must be above zero"));
             }
+            for (j, trigger) in c.failover_on.iter().enumerate() {
+                if crate::router::FailoverTrigger::parse(trigger).is_none() {
+                    problems.push(format!(
+                        "{key}.failover_on[{j}]: `{trigger}` is neither a status class (temporary, throttled, permanent, session) nor a code such as 0x58"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn validate_routes(&self, problems: &mut Vec<String>) {
+        let carriers: std::collections::HashSet<&str> =
+            self.carriers.iter().map(|c| c.name.as_str()).collect();
+        let accounts: std::collections::HashSet<&str> =
+            self.accounts.iter().map(|a| a.name.as_str()).collect();
+        let mut catch_all: Option<usize> = None;
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if let Some(first) = catch_all {
+                problems.push(format!(
+                    "{key}: never used: routes[{first}] before it takes every message (put the default route last)"
+                ));
+            }
+            for (j, prefix) in route.prefixes.iter().enumerate() {
+                let digits = prefix.strip_prefix('+').unwrap_or(prefix);
+                if !prefix.starts_with('+')
+                    || digits.is_empty()
+                    || digits.len() > 15
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                {
+                    problems.push(format!(
+                        "{key}.prefixes[{j}]: `{prefix}` must be `+` and 1 to 15 digits of an E.164 number, such as +4670"
+                    ));
+                }
+            }
+            if let Some(account) = &route.account
+                && !accounts.contains(account.as_str())
+            {
+                problems.push(format!("{key}.account: no account named `{account}`"));
+            }
+            let mut named: Vec<(String, &str)> = Vec::new();
+            match (&route.carrier, route.carriers.is_empty()) {
+                (Some(_), false) => {
+                    problems.push(format!("{key}: set `carrier` or `carriers`, not both"))
+                }
+                (None, true) => problems.push(format!(
+                    "{key}.carriers: must name at least one carrier (or set `carrier`)"
+                )),
+                (Some(name), true) => named.push((format!("{key}.carrier"), name)),
+                (None, false) => {
+                    for (j, c) in route.carriers.iter().enumerate() {
+                        if c.weight == 0 {
+                            problems.push(format!(
+                                "{key}.carriers[{j}].weight: must be at least 1 (list a standby carrier under `failover`)"
+                            ));
+                        }
+                        named.push((format!("{key}.carriers[{j}].name"), &c.name));
+                    }
+                }
+            }
+            for (j, name) in route.failover.iter().enumerate() {
+                named.push((format!("{key}.failover[{j}]"), name));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (name_key, name) in named {
+                if !carriers.contains(name) {
+                    problems.push(format!("{name_key}: no carrier named `{name}`"));
+                } else if !seen.insert(name) {
+                    problems.push(format!("{name_key}: `{name}` is named twice in this route"));
+                }
+            }
+            let unconditional = route.prefixes.is_empty()
+                && route.sender.is_none()
+                && route.account.is_none()
+                && route.category.is_none();
+            if unconditional && catch_all.is_none() {
+                catch_all = Some(i);
+            }
         }
     }
 }
@@ -733,6 +877,79 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("0123456789abcdef0123"));
         assert!(!shown.contains("\"secret\""));
+    }
+
+    #[test]
+    fn routes_are_checked_and_each_problem_names_its_key() {
+        let text = format!(
+            r#"{MINIMAL}
+            [[carriers]]
+            name = "spare"
+            address = "h:1"
+            failover_on = ["throttled", "0x45", "sometimes"]
+            [[routes]]
+            prefixes = ["46", "+46x"]
+            carrier = "nobody"
+            [[routes]]
+            carriers = [{{ name = "sim", weight = 0 }}, {{ name = "sim" }}]
+            [[routes]]
+            account = "ghost"
+            carriers = []
+            [[routes]]
+            carrier = "sim"
+            carriers = [{{ name = "spare" }}]
+            failover = ["missing"]
+            [[routes]]
+            carrier = "sim"
+            [[routes]]
+            carrier = "spare"
+            "#
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        for key in [
+            "carriers[1].failover_on[2]: `sometimes`",
+            "routes[0].prefixes[0]: `46`",
+            "routes[0].prefixes[1]: `+46x`",
+            "routes[0].carrier: no carrier named `nobody`",
+            "routes[1].carriers[0].weight: must be at least 1",
+            "routes[1].carriers[1].name: `sim` is named twice",
+            "routes[2].account: no account named `ghost`",
+            "routes[2].carriers: must name at least one carrier",
+            "routes[3]: set `carrier` or `carriers`, not both",
+            "routes[3].failover[0]: no carrier named `missing`",
+            "routes[5]: never used: routes[1] before it takes every message",
+        ] {
+            assert!(err.contains(key), "missing {key} in {err}");
+        }
+        assert!(!err.contains("failover_on[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_route_set_with_weights_parses() {
+        let text = format!(
+            r#"{MINIMAL}
+            [[carriers]]
+            name = "spare"
+            address = "h:1"
+            validity_period = "relative"
+            [[routes]]
+            name = "nordics"
+            prefixes = ["+46", "+47"]
+            category = "marketing"
+            carriers = [{{ name = "sim", weight = 3 }}, {{ name = "spare" }}]
+            [[routes]]
+            carrier = "spare"
+            failover = ["sim"]
+            "#
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(
+            config.routes[0].carriers[1].weight, 1,
+            "weight defaults to 1"
+        );
+        assert_eq!(config.carriers[1].validity_period, ValidityPeriod::Relative);
+        assert_eq!(config.carriers[0].validity_period, ValidityPeriod::None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rusmpp::types::EmptyOrFullCOctetString;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
@@ -14,12 +15,12 @@ use crate::config::{MessagesConfig, Schedule, UnknownOutcome};
 use crate::encoding;
 use crate::message::{Sender, Status, now_ms};
 use crate::metrics;
-use crate::router::Router;
+use crate::router::{Facts, NoRoute, Router};
 use crate::smpp::status::{StatusClass, classify, describe};
-use crate::smpp::{SubmitOutcome, submit_pdus};
+use crate::smpp::{Carrier, SubmitOutcome, submit_pdus, validity_period};
 use crate::store::{AcceptedPart, AttemptResult, Claimed, Next, Store};
 
-/// How long a message waits when no carrier is bound.
+/// How long a message waits when no carrier of its route can take it.
 const NO_CARRIER_DELAY_MS: i64 = 2_000;
 /// How long a throttled message waits; the link itself also pauses.
 const THROTTLED_DELAY_MS: i64 = 1_000;
@@ -128,11 +129,12 @@ impl Dispatcher {
 
     async fn attempt(&self, message: &Claimed) -> AttemptResult {
         let now = now_ms();
-        let result = |carrier: Option<String>, accepted, next| AttemptResult {
+        let result = |carrier: Option<String>, accepted, next, note| AttemptResult {
             id: message.id,
             carrier,
             accepted,
             next,
+            note,
         };
         if now >= message.expires_at {
             let next = Next::Finish {
@@ -140,16 +142,70 @@ impl Dispatcher {
                 detail: "validity period ended before it could be sent".into(),
                 error_code: None,
             };
-            return result(None, Vec::new(), next);
+            return result(None, Vec::new(), next, None);
         }
-        let Some(carrier) = self.router.route() else {
-            let next = retry_or_expire(
-                message,
-                now + NO_CARRIER_DELAY_MS,
-                "no carrier bound".into(),
-            );
-            return result(None, Vec::new(), next);
+        let facts = Facts {
+            recipient: &message.recipient,
+            sender: &message.sender,
+            account: &message.account,
+            category: message.category,
         };
+        let plan = match self.router.plan(&facts) {
+            Ok(plan) => plan,
+            // Accepted under routes that a reload has since changed: it waits for a route.
+            Err(NoRoute) => {
+                let detail = "no route matches it any more (the routes were reloaded); waiting";
+                let next = retry_or_expire(message, now + NO_CARRIER_DELAY_MS, detail.into());
+                return result(None, Vec::new(), next, None);
+            }
+        };
+        let usable: Vec<&str> = plan.usable().collect();
+        if usable.is_empty() {
+            let next = retry_or_expire(message, now + NO_CARRIER_DELAY_MS, plan.unavailable());
+            return result(None, Vec::new(), next, None);
+        }
+        // Carriers of the route passed over before the first usable one, for the history.
+        let mut notes: Vec<String> = plan
+            .candidates
+            .iter()
+            .take_while(|c| c.carrier != usable[0])
+            .map(|c| format!("{} skipped: {}", c.carrier, c.state.describe()))
+            .collect();
+        let table = self.router.table();
+        for (i, name) in usable.iter().enumerate() {
+            let Some(carrier) = self.router.find(name) else {
+                continue;
+            };
+            let outcomes = self.submit_parts(carrier, message).await;
+            if let Some(next_name) = usable.get(i + 1)
+                && let Some(reason) = failover_reason(&outcomes, |s| table.fails_over(name, s))
+            {
+                metrics::failover(name, next_name);
+                notes.push(format!("{name} {reason}: failed over to {next_name}"));
+                continue;
+            }
+            let (accepted, next) = decide(
+                message,
+                &outcomes,
+                now_ms(),
+                &self.config.retry_schedule,
+                self.config.on_unknown_outcome,
+            );
+            let note =
+                (!notes.is_empty()).then(|| format!("route {}: {}", plan.rule, notes.join("; ")));
+            return result(Some(name.to_string()), accepted, next, note);
+        }
+        // Only when the carriers of the plan stopped between planning and sending.
+        let next = retry_or_expire(message, now_ms() + NO_CARRIER_DELAY_MS, plan.unavailable());
+        result(None, Vec::new(), next, None)
+    }
+
+    /// Submits the parts of the message not accepted before to one carrier, concurrently.
+    async fn submit_parts(
+        &self,
+        carrier: &Carrier,
+        message: &Claimed,
+    ) -> Vec<(u32, SubmitOutcome)> {
         let (encoding, parts) = encoding::split(&message.body, message.id.concat_reference());
         let sender = Sender::from_stored(&message.sender);
         let numbered: Vec<u32> = (1..=parts.len() as u32)
@@ -161,22 +217,49 @@ impl Dispatcher {
             .filter(|(i, _)| numbered.contains(&(*i as u32 + 1)))
             .map(|(_, p)| p)
             .collect();
-        let pdus = submit_pdus(&message.recipient, &sender, encoding, to_send);
+        let mut pdus = submit_pdus(&message.recipient, &sender, encoding, to_send);
+        let validity = validity_period(
+            carrier.config().validity_period,
+            message.expires_at,
+            now_ms(),
+        );
+        if let Some(validity) = validity.and_then(|v| v.parse::<EmptyOrFullCOctetString<17>>().ok())
+        {
+            for pdu in &mut pdus {
+                pdu.validity_period = validity.clone();
+            }
+        }
+        let high = message.priority > 0;
         let outcomes =
-            futures::future::join_all(pdus.into_iter().map(|pdu| carrier.submit(pdu))).await;
+            futures::future::join_all(pdus.into_iter().map(|pdu| carrier.submit(pdu, high))).await;
         let outcomes: Vec<(u32, SubmitOutcome)> = numbered.into_iter().zip(outcomes).collect();
         for (_, outcome) in &outcomes {
             metrics::submit(&carrier.name, outcome_label(outcome));
         }
-        let (accepted, next) = decide(
-            message,
-            &outcomes,
-            now_ms(),
-            &self.config.retry_schedule,
-            self.config.on_unknown_outcome,
-        );
-        result(Some(carrier.name.clone()), accepted, next)
+        outcomes
     }
+}
+
+/// Why the next carrier should have the message, if it should: nothing of this attempt was
+/// accepted, and every part was either never written or refused with a status that `fails_over`
+/// names. A part written and unanswered may have gone out, so it never fails over.
+fn failover_reason(
+    outcomes: &[(u32, SubmitOutcome)],
+    fails_over: impl Fn(u32) -> bool,
+) -> Option<String> {
+    let mut reason = None;
+    for (_, outcome) in outcomes {
+        match outcome {
+            SubmitOutcome::NotSent => {
+                reason.get_or_insert_with(|| "took nothing in time".to_owned());
+            }
+            SubmitOutcome::Rejected { status } if fails_over(*status) => {
+                reason = Some(format!("refused {}", describe(*status)));
+            }
+            _ => return None,
+        }
+    }
+    reason
 }
 
 fn outcome_label(outcome: &SubmitOutcome) -> &'static str {
@@ -290,6 +373,8 @@ mod tests {
             recipient: "+46701234567".into(),
             sender: "iP1".into(),
             body: "hi".into(),
+            category: crate::message::Category::Transactional,
+            priority: 0,
             encoding: Encoding::Gsm7,
             segments: 2,
             attempt,
@@ -417,6 +502,33 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn only_unsent_or_listed_refusals_fail_over() {
+        let throttled = SubmitOutcome::Rejected { status: 0x58 };
+        let listed = |s: u32| s == 0x58;
+        assert_eq!(
+            failover_reason(
+                &[(1, throttled.clone()), (2, SubmitOutcome::NotSent)],
+                listed
+            )
+            .as_deref(),
+            Some("refused 0x58 ESME_RTHROTTLED")
+        );
+        assert!(failover_reason(&[(1, SubmitOutcome::NotSent)], listed).is_some());
+        assert_eq!(failover_reason(&[(1, throttled.clone())], |_| false), None);
+        let lost = SubmitOutcome::Unknown {
+            reason: "link lost".into(),
+        };
+        assert_eq!(
+            failover_reason(&[(1, throttled.clone()), (2, lost)], listed),
+            None
+        );
+        assert_eq!(
+            failover_reason(&[(1, throttled), (2, accepted("a"))], listed),
+            None
+        );
     }
 
     #[test]

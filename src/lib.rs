@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use crate::api::AppState;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
-use crate::router::Router;
+use crate::router::{RouteTable, Router};
 use crate::smpp::Carrier;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError, StoreRules};
@@ -134,7 +134,7 @@ pub async fn run_with_reloads(
         )));
     }
     binds.close();
-    let router = Arc::new(Router::new(carriers));
+    let router = Arc::new(Router::new(carriers, RouteTable::from_config(&config)));
 
     let dispatcher = tokio::spawn(
         Dispatcher {
@@ -164,9 +164,10 @@ pub async fn run_with_reloads(
         prometheus,
     };
     let running = config.clone();
+    let routed = state.carriers.clone();
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
-            reload::apply(&live, &running, &new);
+            reload::apply(&live, &routed, &running, &new);
         }
     });
     if let Some(admin) = listeners.admin {

@@ -74,6 +74,21 @@ enum Command {
         #[command(subcommand)]
         action: CarrierAction,
     },
+    /// Show which routing rule takes a message and the carriers it would try, in order (with
+    /// their state when the gateway runs).
+    Route {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        /// The destination, in international format.
+        to: String,
+        #[arg(long)]
+        sender: Option<String>,
+        #[arg(long)]
+        account: Option<String>,
+        /// `transactional` (default) or `marketing`.
+        #[arg(long, default_value = "transactional")]
+        category: String,
+    },
     /// Export or erase what an account holds about a phone number (GDPR).
     Subject {
         #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
@@ -231,6 +246,13 @@ fn main() -> ExitCode {
                 daemon(&config, true, format!("/admin/carriers/{name}/resume"))
             }
         },
+        Command::Route {
+            config,
+            to,
+            sender,
+            account,
+            category,
+        } => route(&config, &to, sender, account, &category),
         Command::Subject { config, action } => admin(&config, |admin| async move {
             match action {
                 SubjectAction::Export { account, number } => {
@@ -332,6 +354,30 @@ fn daemon(path: &Path, post: bool, route: String) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let answer = runtime.block_on(smsgw::admin::call_daemon(&config, post, &route))?;
+    print!("{answer}");
+    Ok(())
+}
+
+/// Prints the routing decision for a message.
+fn route(
+    path: &Path,
+    to: &str,
+    sender: Option<String>,
+    account: Option<String>,
+    category: &str,
+) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let category = category.parse().map_err(|()| {
+        anyhow::anyhow!("--category: `{category}` is neither transactional nor marketing")
+    })?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let answer = runtime.block_on(smsgw::admin::route(
+        &config,
+        to,
+        sender.as_deref(),
+        account.as_deref(),
+        category,
+    ))?;
     print!("{answer}");
     Ok(())
 }

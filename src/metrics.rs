@@ -67,6 +67,17 @@ pub fn submit(carrier: &str, outcome: &'static str) {
         .increment(1);
 }
 
+/// A message sent on to the next carrier of its route: `from` could not take it.
+pub fn failover(from: &str, to: &str) {
+    counter!("smsgw_failovers_total", "from" => from.to_owned(), "to" => to.to_owned())
+        .increment(1);
+}
+
+/// A carrier's rate in force (changed by a reload), per bind.
+pub fn rate_per_second(carrier: &str, rate: u32) {
+    gauge!("smsgw_carrier_rate_per_second", "carrier" => carrier.to_owned()).set(f64::from(rate));
+}
+
 pub fn submit_latency(carrier: &str, elapsed: Duration) {
     histogram!("smsgw_submit_response_seconds", "carrier" => carrier.to_owned())
         .record(elapsed.as_secs_f64());

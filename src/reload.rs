@@ -1,6 +1,8 @@
 //! What a reload (SIGHUP) changes while the gateway runs: the accounts (API keys, webhooks,
-//! senders, keywords, policy rights) and the policy settings. Carriers, listeners, the store and
-//! the pseudonym key need a restart; a reload says so instead of half-applying them.
+//! senders, keywords, policy rights), the policy settings, the routes, and each carrier's rate,
+//! window and failover triggers (its binds stay up). Adding or removing a carrier, its address,
+//! credentials or other settings, the listeners, the store and the pseudonym key need a
+//! restart; a reload says so instead of half-applying them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +11,9 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::api::auth::Accounts;
-use crate::config::{Config, PolicyConfig};
+use crate::config::{CarrierConfig, Config, PolicyConfig};
+use crate::router::{RouteTable, Router};
+use crate::smpp::Limits;
 use crate::store::{AccountPolicy, InboundOwner};
 
 /// The live, replaceable part of the configuration.
@@ -59,9 +63,10 @@ pub fn live(config: &Config) -> Live {
     Arc::new(ArcSwap::from_pointee(Reloadable::from_config(config)))
 }
 
-/// Applies a new configuration to `live` and logs what it could not apply.
-pub fn apply(live: &Live, running: &Config, new: &Config) {
+/// Applies a new configuration to `live` and the carriers, and logs what it could not apply.
+pub fn apply(live: &Live, router: &Router, running: &Config, new: &Config) {
     live.store(Arc::new(Reloadable::from_config(new)));
+    let carriers_need_restart = apply_carriers(router, running, new);
     let needs_restart: Vec<&str> = [
         (
             "http",
@@ -75,10 +80,7 @@ pub fn apply(live: &Live, running: &Config, new: &Config) {
             "store",
             format!("{:?}", running.store) != format!("{:?}", new.store),
         ),
-        (
-            "carriers",
-            format!("{:?}", running.carriers) != format!("{:?}", new.carriers),
-        ),
+        ("carriers", carriers_need_restart),
         (
             "messages",
             format!("{:?}", running.messages) != format!("{:?}", new.messages),
@@ -111,7 +113,8 @@ pub fn apply(live: &Live, running: &Config, new: &Config) {
     .collect();
     info!(
         accounts = new.accounts.len(),
-        "configuration reloaded: accounts, keys, webhooks, keywords and policy apply now"
+        routes = new.routes.len(),
+        "configuration reloaded: accounts, keys, webhooks, keywords, policy, routes and carriers' rates, windows and failover_on apply now"
     );
     if !needs_restart.is_empty() {
         warn!(
@@ -119,4 +122,48 @@ pub fn apply(live: &Live, running: &Config, new: &Config) {
             "these changed sections need a restart to take effect; the running values stay"
         );
     }
+}
+
+/// Puts the new routes and each running carrier's rate and window in force. True when a carrier
+/// was added or removed or changed in something else, which needs a restart.
+fn apply_carriers(router: &Router, running: &Config, new: &Config) -> bool {
+    router.replace_table(RouteTable::from_config(new));
+    for carrier in &new.carriers {
+        if let Some(running) = router.find(&carrier.name) {
+            let limits = Limits::of(carrier);
+            if running.limits() != limits {
+                info!(carrier = %carrier.name, rate_per_second = limits.rate_per_second, window = limits.window, "carrier limits reloaded");
+                running.set_limits(limits);
+            }
+        }
+    }
+    let names = |c: &Config| {
+        c.carriers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    if names(running) != names(new) {
+        warn!(
+            running = ?names(running),
+            configured = ?names(new),
+            "carriers added or removed: they start or stop at the next restart; routes naming a carrier that is not running skip it"
+        );
+        return true;
+    }
+    running
+        .carriers
+        .iter()
+        .zip(&new.carriers)
+        .any(|(old, new)| restart_part(old) != restart_part(new))
+}
+
+/// A carrier's configuration without what a reload applies to its running binds.
+fn restart_part(carrier: &CarrierConfig) -> String {
+    let mut fixed = carrier.clone();
+    fixed.rate_per_second = 0;
+    fixed.window = 0;
+    fixed.failover_on.clear();
+    // Debug hides the password; a changed one needs a restart too (compared, never shown).
+    format!("{fixed:?} {}", carrier.password.expose())
 }

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::config::MessagesConfig;
-use crate::message::{MessageId, Pseudonymizer, Status, now_ms, rfc3339};
-use crate::router::Router as CarrierRouter;
+use crate::message::{Category, MessageId, Msisdn, Pseudonymizer, Status, now_ms, rfc3339};
+use crate::router::{Facts, Router as CarrierRouter};
 use crate::store::{CancelResult, Store};
 
 #[derive(Clone)]
@@ -32,6 +32,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/queue", get(queue))
         .route("/admin/queue/{id}/retry", post(retry))
         .route("/admin/queue/{id}/cancel", post(cancel))
+        .route("/admin/route", get(route))
         .route("/admin/carriers/{name}/pause", post(pause))
         .route("/admin/carriers/{name}/resume", post(resume))
         .with_state(state)
@@ -44,13 +45,13 @@ async fn status(State(state): State<AdminState>) -> Result<Json<Value>, ApiError
         .carriers()
         .iter()
         .map(|c| {
-            let config = c.config();
+            let limits = c.limits();
             json!({
                 "name": c.name,
                 "binds_up": c.health.bound.load(Ordering::SeqCst),
-                "binds": config.binds,
-                "window": config.window,
-                "rate_per_second": config.rate_per_second,
+                "binds": c.config().binds,
+                "window": limits.window,
+                "rate_per_second": limits.rate_per_second,
                 "paused": c.health.paused.load(Ordering::SeqCst),
                 "credentials_refused": c.health.credentials_refused.load(Ordering::SeqCst),
             })
@@ -102,6 +103,38 @@ async fn queue(
         })
         .collect();
     Ok(Json(json!({ "messages": messages })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteQuery {
+    to: String,
+    #[serde(default)]
+    sender: String,
+    #[serde(default)]
+    account: String,
+    #[serde(default)]
+    category: Category,
+}
+
+/// The plan the next message with these facts would get, with the carriers' state now.
+async fn route(
+    State(state): State<AdminState>,
+    Query(query): Query<RouteQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let to = Msisdn::parse(&query.to)
+        .map_err(|e| ApiError::invalid("invalid_number", "to", e.to_string()))?;
+    let facts = Facts {
+        recipient: to.as_str(),
+        sender: &query.sender,
+        account: &query.account,
+        category: query.category,
+    };
+    let plan = state
+        .carriers
+        .preview(&facts)
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "no_route", e.to_string()))?;
+    Ok(Json(json!(plan)))
 }
 
 fn message_id(text: &str) -> Result<MessageId, ApiError> {

@@ -20,6 +20,7 @@ use super::{AppState, authenticate};
 use crate::encoding::{self, Encoding};
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
 use crate::metrics;
+use crate::router::Facts;
 use crate::store::{
     AccountPolicy, CancelResult, IdempotencyRequest, IdempotentAnswer, ListFilter, MessageView,
     NewMessage, RenderAnswer, SubmitResult,
@@ -433,6 +434,20 @@ fn validate(
             "sender_not_allowed",
             "from",
             "this account may not send from that sender; see its `senders`",
+        ));
+    }
+    let facts = Facts {
+        recipient: recipient.as_str(),
+        sender: sender.as_str(),
+        account: &account.name,
+        category: request.category,
+    };
+    // Refused now rather than held for a route that may never come: the application hears it.
+    if !state.carriers.table().has_route(&facts) {
+        return Err(ApiError::invalid(
+            "no_route",
+            "to",
+            "no route of the gateway takes this message (its destination, sender or category); ask the operator",
         ));
     }
     if request.text.trim().is_empty() {

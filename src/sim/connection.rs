@@ -400,6 +400,7 @@ impl Session {
             data_coding: u8::from(submit.data_coding),
             registered_delivery,
             short_message: message_body(&submit),
+            validity_period: submit.validity_period.as_str().to_owned(),
             connection: self.id,
         };
         self.shared.record_submitted(record);

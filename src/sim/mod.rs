@@ -58,6 +58,8 @@ pub struct SubmittedPdu {
     pub registered_delivery: u8,
     /// `short_message`, or the `message_payload` TLV when `short_message` is empty.
     pub short_message: Vec<u8>,
+    /// `validity_period` as sent (SMPP time format), empty for the SMSC's default.
+    pub validity_period: String,
     /// Which TCP connection carried it (simulator-wide counter, starting at 1).
     pub connection: u64,
 }

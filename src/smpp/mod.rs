@@ -13,21 +13,72 @@ use rusmpp::types::{COctetString, OctetString};
 use rusmpp::values::{DataCoding, EsmClass, Npi, RegisteredDelivery, Ton};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::CarrierConfig;
+use crate::config::{CarrierConfig, ValidityPeriod};
 use crate::encoding::Encoding;
 use crate::message::Sender;
 pub use session::{CarrierHealth, DeliverHandler, SubmitJob, SubmitOutcome};
+
+/// The limits of each bind that a reload may change while it stays bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// submit_sm per second, counted in segments.
+    pub rate_per_second: u32,
+    /// Most submit_sm awaiting their response.
+    pub window: usize,
+}
+
+impl Limits {
+    pub fn of(config: &CarrierConfig) -> Limits {
+        Limits {
+            rate_per_second: config.rate_per_second,
+            window: config.window,
+        }
+    }
+}
+
+/// The carrier's segments waiting for a bind, in two lanes: a bind takes a high-priority
+/// segment before any normal one, and each lane has its own room, so a full bulk lane never
+/// holds a high-priority segment back.
+pub struct JobQueue {
+    lanes: Mutex<(mpsc::Receiver<SubmitJob>, mpsc::Receiver<SubmitJob>)>,
+}
+
+impl JobQueue {
+    /// The next segment, high priority first; `None` once the carrier is gone.
+    pub async fn next(&self) -> Option<SubmitJob> {
+        let mut lanes = self.lanes.lock().await;
+        let (high, normal) = &mut *lanes;
+        tokio::select! {
+            biased;
+            Some(job) = high.recv() => Some(job),
+            job = normal.recv() => job,
+        }
+    }
+
+    /// With no bind left, nothing would take the queued segments: they go back unsent.
+    pub async fn return_all(&self) {
+        let mut lanes = self.lanes.lock().await;
+        let (high, normal) = &mut *lanes;
+        for lane in [high, normal] {
+            while let Ok(job) = lane.try_recv() {
+                let _ = job.reply.send(SubmitOutcome::NotSent);
+            }
+        }
+    }
+}
 
 /// A carrier: the queue its binds take submits from, and their health.
 pub struct Carrier {
     pub name: String,
     config: Arc<CarrierConfig>,
-    jobs: mpsc::Sender<SubmitJob>,
+    high: mpsc::Sender<SubmitJob>,
+    normal: mpsc::Sender<SubmitJob>,
+    limits: watch::Sender<Limits>,
     pub health: Arc<CarrierHealth>,
     /// How long a segment may wait for a bind to take it.
     queue_wait: Duration,
@@ -46,18 +97,24 @@ impl Carrier {
     ) -> Carrier {
         let config = Arc::new(config);
         // Enough queued to refill every window at once, and no more: the rest waits in the store.
-        let (jobs, rx) = mpsc::channel(config.binds * config.window);
-        let rx = Arc::new(Mutex::new(rx));
+        let (normal, normal_rx) = mpsc::channel(config.binds * config.window);
+        let (high, high_rx) = mpsc::channel(config.binds * config.window);
+        let jobs = Arc::new(JobQueue {
+            lanes: Mutex::new((high_rx, normal_rx)),
+        });
+        let (limits, limits_rx) = watch::channel(Limits::of(&config));
         let health = Arc::new(CarrierHealth::default());
         // Series exist from the start, so "no bind ever came up" is visible too.
         crate::metrics::binds_up(&config.name, 0);
         crate::metrics::bind_credentials_refused(&config.name, false);
+        crate::metrics::rate_per_second(&config.name, config.rate_per_second);
         for index in 0..config.binds {
             tracker.spawn(session::run(session::Bind {
                 carrier: config.clone(),
                 address: address.clone(),
                 index,
-                jobs: rx.clone(),
+                jobs: jobs.clone(),
+                limits: limits_rx.clone(),
                 deliver: deliver.clone(),
                 health: health.clone(),
                 shutdown: shutdown.clone(),
@@ -66,7 +123,9 @@ impl Carrier {
         Carrier {
             name: config.name.clone(),
             config: config.clone(),
-            jobs,
+            high,
+            normal,
+            limits,
             health,
             queue_wait: config.response_timeout,
             answer_limit: config.response_timeout * 2
@@ -84,20 +143,36 @@ impl Carrier {
         self.is_bound() && !self.health.paused.load(Ordering::SeqCst)
     }
 
+    /// The configuration it started with; [`Carrier::limits`] has the rate and window in force.
     pub fn config(&self) -> &CarrierConfig {
         &self.config
     }
 
+    pub fn limits(&self) -> Limits {
+        *self.limits.borrow()
+    }
+
+    /// Changes every bind's rate and window at once; the binds stay up.
+    pub fn set_limits(&self, limits: Limits) {
+        crate::metrics::rate_per_second(&self.name, limits.rate_per_second);
+        self.limits.send_if_modified(|current| {
+            let changed = *current != limits;
+            *current = limits;
+            changed
+        });
+    }
+
     /// Submits one segment and waits for its outcome, for a bounded time: a segment no bind
-    /// takes in time comes back `NotSent`.
-    pub async fn submit(&self, pdu: SubmitSm) -> SubmitOutcome {
+    /// takes in time comes back `NotSent`. A `high` one goes in the lane binds empty first.
+    pub async fn submit(&self, pdu: SubmitSm, high: bool) -> SubmitOutcome {
         let (reply, outcome) = oneshot::channel();
         let job = SubmitJob {
             pdu,
             reply,
             not_after: Instant::now() + self.queue_wait,
         };
-        match timeout(self.queue_wait, self.jobs.send(job)).await {
+        let lane = if high { &self.high } else { &self.normal };
+        match timeout(self.queue_wait, lane.send(job)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => return SubmitOutcome::NotSent,
         }
@@ -152,9 +227,61 @@ pub fn submit_pdus(
         .collect()
 }
 
+/// The `validity_period` of submit_sm for a message valid until `expires_at` (ms) when sent at
+/// `now`, in the SMPP time format (DOMAIN.md §2.4); None leaves the carrier's default.
+pub fn validity_period(mode: ValidityPeriod, expires_at: i64, now: i64) -> Option<String> {
+    let left_secs = ((expires_at - now) / 1000).max(1);
+    match mode {
+        ValidityPeriod::None => None,
+        // Amounts of years, months, days, hours, minutes, seconds; tenths and offset zero.
+        ValidityPeriod::Relative => {
+            let days = (left_secs / 86_400).min(99);
+            let hours = left_secs % 86_400 / 3600;
+            let minutes = left_secs % 3600 / 60;
+            let seconds = left_secs % 60;
+            Some(format!(
+                "0000{days:02}{hours:02}{minutes:02}{seconds:02}000R"
+            ))
+        }
+        // UTC, as Kannel writes it: tenths 0, offset 00, `+`.
+        ValidityPeriod::Absolute => {
+            let end = time::OffsetDateTime::from_unix_timestamp(expires_at / 1000).ok()?;
+            Some(format!(
+                "{:02}{:02}{:02}{:02}{:02}{:02}000+",
+                end.year() % 100,
+                u8::from(end.month()),
+                end.day(),
+                end.hour(),
+                end.minute(),
+                end.second()
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validity_is_written_in_the_smpp_time_format() {
+        let now = 1_740_839_400_000; // 2025-03-01 14:30:00 UTC
+        let two_hours = now + 2 * 3600 * 1000;
+        assert_eq!(validity_period(ValidityPeriod::None, two_hours, now), None);
+        assert_eq!(
+            validity_period(ValidityPeriod::Relative, two_hours, now).as_deref(),
+            Some("000000020000000R")
+        );
+        let long = now + (86_400 + 3661) * 1000;
+        assert_eq!(
+            validity_period(ValidityPeriod::Relative, long, now).as_deref(),
+            Some("000001010101000R")
+        );
+        assert_eq!(
+            validity_period(ValidityPeriod::Absolute, now, now - 5000).as_deref(),
+            Some("250301143000000+")
+        );
+    }
 
     #[test]
     fn esm_class_is_zero_for_one_part_and_udhi_for_several() {

@@ -22,7 +22,7 @@ use rusmpp::types::COctetString;
 use rusmpp::values::{InterfaceVersion, Npi, Ton};
 use rusmpp::{Command, CommandStatus, Pdu};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use super::codec::{Frame, FrameCodec};
 use super::status::{self, ESME_RTHROTTLED};
+use super::{JobQueue, Limits};
 use crate::config::CarrierConfig;
 use crate::metrics;
 
@@ -82,7 +83,9 @@ pub struct Bind {
     pub carrier: Arc<CarrierConfig>,
     pub address: String,
     pub index: usize,
-    pub jobs: Arc<Mutex<mpsc::Receiver<SubmitJob>>>,
+    pub jobs: Arc<JobQueue>,
+    /// Rate and window; a reload changes them while the bind stays up.
+    pub limits: watch::Receiver<Limits>,
     pub deliver: DeliverHandler,
     pub health: Arc<CarrierHealth>,
     pub shutdown: CancellationToken,
@@ -113,10 +116,6 @@ type Link = Framed<TcpStream, FrameCodec>;
 /// Runs one bind until shutdown: bind, serve, and reconnect with exponential backoff and jitter.
 pub async fn run(bind: Bind) {
     let carrier = &bind.carrier;
-    let rate = NonZeroU32::new(carrier.rate_per_second).unwrap_or(NonZeroU32::MIN);
-    // Burst of a tenth of a second: a full-rate burst at connect can trip carrier throttles.
-    let burst = NonZeroU32::new((carrier.rate_per_second / 10).max(1)).unwrap_or(NonZeroU32::MIN);
-    let limiter = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
     let mut backoff = carrier.reconnect_min;
     loop {
         if bind.shutdown.is_cancelled() {
@@ -128,12 +127,12 @@ pub async fn run(bind: Bind) {
                 let up = bind.health.bound.fetch_add(1, Ordering::SeqCst) + 1;
                 metrics::binds_up(&carrier.name, up);
                 info!(carrier = %carrier.name, bind = bind.index, "bound");
-                let end = Session::new(&bind, &limiter).serve(link).await;
+                let end = Session::new(&bind).serve(link).await;
                 let up = bind.health.bound.fetch_sub(1, Ordering::SeqCst) - 1;
                 metrics::binds_up(&carrier.name, up);
                 metrics::window_in_flight(&carrier.name, bind.index, 0);
                 if up == 0 {
-                    return_queued_jobs(&bind.jobs).await;
+                    bind.jobs.return_all().await;
                 }
                 match end {
                     SessionEnd::Shutdown => {
@@ -173,12 +172,12 @@ pub async fn run(bind: Bind) {
     }
 }
 
-/// With no bind left, nothing would take the queued jobs: they go back to the dispatcher.
-async fn return_queued_jobs(jobs: &Mutex<mpsc::Receiver<SubmitJob>>) {
-    let mut jobs = jobs.lock().await;
-    while let Ok(job) = jobs.try_recv() {
-        let _ = job.reply.send(SubmitOutcome::NotSent);
-    }
+/// A limiter of `rate` segments per second with a burst of a tenth of a second: a full-rate
+/// burst at connect can trip carrier throttles.
+fn limiter(rate: u32) -> DefaultDirectRateLimiter {
+    let per_second = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new((rate / 10).max(1)).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
 }
 
 /// Up to a quarter less than `delay`, so that binds dropped together do not return together.
@@ -243,7 +242,10 @@ struct Pending {
 
 struct Session<'a> {
     bind: &'a Bind,
-    limiter: &'a DefaultDirectRateLimiter,
+    limits: watch::Receiver<Limits>,
+    window: usize,
+    rate: u32,
+    limiter: DefaultDirectRateLimiter,
     pending: HashMap<u32, Pending>,
     next_sequence: u32,
     /// A job taken from the queue, waiting for the rate limiter.
@@ -256,10 +258,18 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(bind: &'a Bind, limiter: &'a DefaultDirectRateLimiter) -> Session<'a> {
+    fn new(bind: &'a Bind) -> Session<'a> {
+        let mut limits = bind.limits.clone();
+        let Limits {
+            rate_per_second,
+            window,
+        } = *limits.borrow_and_update();
         Session {
             bind,
-            limiter,
+            limits,
+            window,
+            rate: rate_per_second,
+            limiter: limiter(rate_per_second),
             pending: HashMap::new(),
             next_sequence: 1,
             ready: None,
@@ -283,7 +293,7 @@ impl<'a> Session<'a> {
 
     fn window_open(&self) -> bool {
         self.draining.is_none()
-            && self.pending.len() < self.bind.carrier.window
+            && self.pending.len() < self.window
             && self.throttled_until.is_none_or(|t| t <= Instant::now())
     }
 
@@ -330,7 +340,7 @@ impl<'a> Session<'a> {
                         break SessionEnd::Lost(format!("write failed: {e}"));
                     }
                 }
-                job = next_job(&jobs), if can_take => match job {
+                job = jobs.next(), if can_take => match job {
                     Some(job) if job.not_after <= Instant::now() => {
                         let _ = job.reply.send(SubmitOutcome::NotSent);
                     }
@@ -478,7 +488,22 @@ impl<'a> Session<'a> {
         let _ = pending.reply.send(outcome);
     }
 
+    /// Takes a reloaded rate and window; a new rate gets a new limiter.
+    fn follow_limits(&mut self) {
+        if !self.limits.has_changed().unwrap_or(false) {
+            return;
+        }
+        let limits = *self.limits.borrow_and_update();
+        if limits.rate_per_second != self.rate {
+            self.rate = limits.rate_per_second;
+            self.limiter = limiter(self.rate);
+        }
+        self.window = limits.window;
+        info!(carrier = %self.bind.carrier.name, bind = self.bind.index, rate = self.rate, window = self.window, "limits reloaded");
+    }
+
     async fn on_tick(&mut self, link: &mut Link) -> Result<(), SessionEnd> {
+        self.follow_limits();
         let now = Instant::now();
         if self.throttled_until.is_some_and(|t| t <= now) {
             self.throttled_until = None;
@@ -568,10 +593,4 @@ impl<'a> Session<'a> {
             let _ = job.reply.send(SubmitOutcome::NotSent);
         }
     }
-}
-
-/// Takes the next job of the carrier's queue; the binds of a carrier share it, and the one
-/// with room in its window takes the job. `None` once the queue is closed.
-async fn next_job(jobs: &Mutex<mpsc::Receiver<SubmitJob>>) -> Option<SubmitJob> {
-    jobs.lock().await.recv().await
 }

@@ -179,6 +179,10 @@ pub struct Claimed {
     pub recipient: String,
     pub sender: String,
     pub body: String,
+    /// Routing rules can depend on it.
+    pub category: Category,
+    /// 1 for `high`, 0 for normal: a high one overtakes normal ones queued at a carrier.
+    pub priority: i32,
     pub encoding: Encoding,
     pub segments: u32,
     /// This attempt's number, from 1.
@@ -216,6 +220,9 @@ pub struct AttemptResult {
     pub carrier: Option<String>,
     pub accepted: Vec<AcceptedPart>,
     pub next: Next,
+    /// What routing did on the way (a carrier skipped or failed over), for the history: the
+    /// detail of a `sent` event, put before the detail of any other.
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

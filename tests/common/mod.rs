@@ -127,19 +127,28 @@ pub fn parse_config(text: &str) -> Config {
 
 impl Gateway {
     pub async fn start(config: Config) -> Gateway {
+        Gateway::start_with_reloads(config, tokio::sync::mpsc::channel(1).1).await
+    }
+
+    /// A gateway that takes new configurations from `reloads`, as SIGHUP gives them.
+    pub async fn start_with_reloads(
+        config: Config,
+        reloads: tokio::sync::mpsc::Receiver<Config>,
+    ) -> Gateway {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", http.local_addr().unwrap());
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let db = config.store.path.clone();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(smsgw::run(
+        let task = tokio::spawn(smsgw::run_with_reloads(
             config,
             smsgw::Listeners {
                 http,
                 admin: Some(admin),
             },
             shutdown.clone(),
+            reloads,
         ));
         let gateway = Gateway {
             url,
