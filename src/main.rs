@@ -402,10 +402,11 @@ where
 fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     println!(
-        "{}: valid ({} accounts, {} carriers)",
+        "{}: valid ({} accounts, {} carriers, {} routes)",
         path.display(),
         config.accounts.len(),
-        config.carriers.len()
+        config.carriers.len(),
+        config.routes.len()
     );
     Ok(())
 }

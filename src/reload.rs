@@ -167,3 +167,40 @@ fn restart_part(carrier: &CarrierConfig) -> String {
     // Debug hides the password; a changed one needs a restart too (compared, never shown).
     format!("{fixed:?} {}", carrier.password.expose())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn carrier() -> CarrierConfig {
+        let text = r#"
+            [privacy]
+            pseudonym_key = "0123456789abcdef0123"
+            [[carriers]]
+            name = "telia"
+            address = "h:1"
+        "#;
+        let config = Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        config.carriers[0].clone()
+    }
+
+    #[test]
+    fn rates_windows_and_failover_reload_and_the_rest_needs_a_restart() {
+        let running = carrier();
+        let mut live = running.clone();
+        live.rate_per_second = 7;
+        live.window = 3;
+        live.failover_on = vec!["throttled".into()];
+        assert_eq!(restart_part(&running), restart_part(&live));
+        for change in [
+            |c: &mut CarrierConfig| c.address = Some("h:2".into()),
+            |c: &mut CarrierConfig| c.password = crate::config::Secret("other".into()),
+            |c: &mut CarrierConfig| c.binds = 2,
+            |c: &mut CarrierConfig| c.validity_period = crate::config::ValidityPeriod::Relative,
+        ] {
+            let mut changed = running.clone();
+            change(&mut changed);
+            assert_ne!(restart_part(&running), restart_part(&changed));
+        }
+    }
+}
