@@ -135,3 +135,45 @@ async fn sighup_applies_new_accounts_refuses_a_bad_file_and_sigterm_exits_cleanl
     };
     assert!(status.success(), "exit status {status}");
 }
+
+/// Waits for a log line that contains every one of `words`.
+fn wait_for_log(logs: &std::sync::mpsc::Receiver<String>, words: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = logs
+            .recv_timeout(Duration::from_millis(200))
+            .unwrap_or_default();
+        if words.iter().all(|w| line.contains(w)) {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no log line with {words:?}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_changes_a_carriers_rate_live_and_says_a_new_carrier_needs_a_restart() {
+    let (dir, db) = temp_db();
+    let path = dir.path().join("smsgw.toml");
+    std::fs::write(&path, config(&db, "")).unwrap();
+    let (mut child, url, logs) = start(&path);
+
+    let changed = config(&db, "")
+        + "        rate_per_second = 9\n        [[carriers]]\n        name = \"later\"\n        address = \"127.0.0.1:9\"\n";
+    std::fs::write(&path, changed).unwrap();
+    signal(&child, "HUP");
+    let line = wait_for_log(&logs, &["carrier limits reloaded", "simulated"]);
+    assert!(line.contains("\"rate_per_second\":9"), "{line}");
+    wait_for_log(&logs, &["need a restart", "carriers"]);
+    assert_eq!(submit(&url, KEY_A).await, 202, "still serving");
+
+    signal(&child, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
