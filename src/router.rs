@@ -174,12 +174,12 @@ struct Rule {
 
 impl Rule {
     fn takes(&self, facts: &Facts) -> bool {
-        let sender = |s: &str| s.trim_start_matches('+').to_owned();
+        let sender = facts.sender.trim_start_matches('+');
         (self.prefixes.is_empty() || self.prefixes.iter().any(|p| facts.recipient.starts_with(p)))
             && self
                 .sender
                 .as_deref()
-                .is_none_or(|s| sender(s) == sender(facts.sender))
+                .is_none_or(|s| s.trim_start_matches('+') == sender)
             && self.account.as_deref().is_none_or(|a| a == facts.account)
             && self.category.is_none_or(|c| c == facts.category)
     }
@@ -240,7 +240,8 @@ impl RouteTable {
             .collect();
         if rules.is_empty() {
             rules.push(Rule {
-                name: "default (no [[routes]]: every carrier in turn)".to_owned(),
+                // No [[routes]]: every carrier in turn.
+                name: "default".to_owned(),
                 prefixes: Vec::new(),
                 sender: None,
                 account: None,
