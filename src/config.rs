@@ -334,6 +334,20 @@ pub struct CarrierConfig {
     /// trying when the gateway would (SMPP time format, DOMAIN.md §2.4).
     #[serde(default)]
     pub validity_period: ValidityPeriod,
+    /// How this carrier's receipts write the id its submit_sm_resp gave (DOMAIN.md §3.5).
+    #[serde(default)]
+    pub receipt_id: ReceiptIdRule,
+    /// How a long message goes out: UDH, SAR TLVs, or one message_payload.
+    #[serde(default)]
+    pub multipart: Multipart,
+    /// Ask with query_sm about a message still `sent` this long after it was accepted
+    /// (no final receipt). Off when unset.
+    #[serde(default, with = "humantime_serde")]
+    pub query_after: Option<Duration>,
+    /// How long a receipt that matches no message waits for its submit_sm_resp before it is
+    /// given up and listed as unmatched.
+    #[serde(default = "default_unmatched_after", with = "humantime_serde")]
+    pub unmatched_after: Duration,
 }
 
 /// How a carrier is told a message's validity in `validity_period` of submit_sm.
@@ -390,6 +404,36 @@ fn default_weight() -> u32 {
     1
 }
 
+/// How a carrier's receipts write a message id, compared with its submit_sm_resp.
+/// Ids are always compared trimmed, upper-cased and without leading zeros.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptIdRule {
+    /// The same way as the response.
+    #[default]
+    AsIs,
+    /// In hexadecimal, the number the response gave in decimal.
+    Hex,
+    /// In decimal, the number the response gave in hexadecimal.
+    Decimal,
+    /// Learned from the first receipts: each is tried as given, as hex and as decimal.
+    Auto,
+}
+
+/// How a message longer than one SMS is submitted (DOMAIN.md §2.5, §4.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Multipart {
+    /// One submit_sm per part, each starting with a concatenation header (esm_class 0x40).
+    #[default]
+    Udh,
+    /// One submit_sm per part with sar_msg_ref_num, sar_total_segments, sar_segment_seqnum;
+    /// the carrier builds the header.
+    Sar,
+    /// One submit_sm with the whole text in the message_payload TLV; the carrier splits it.
+    Payload,
+}
+
 fn default_system_id() -> String {
     "smsgw".into()
 }
@@ -422,6 +466,11 @@ fn default_reconnect_max() -> Duration {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(5)
+}
+/// The store forgets a parked receipt after a day whatever this says (`EARLY_RECEIPT_TTL_MS`).
+pub const MAX_UNMATCHED_AFTER: Duration = Duration::from_secs(24 * 3600);
+fn default_unmatched_after() -> Duration {
+    MAX_UNMATCHED_AFTER
 }
 
 /// Delays between attempts, written `["5s", "30s", "2m"]`; the last delay repeats.
@@ -724,6 +773,15 @@ impl Config {
             if c.response_timeout.is_zero() {
                 problems.push(format!("{key}.response_timeout: must be above zero"));
             }
+            if c.query_after.is_some_and(|d| d < Duration::from_secs(1)) {
+                problems.push(format!(
+                    "{key}.query_after: must be at least 1s (or left out to never query)"
+                ));
+            }
+            if c.unmatched_after < Duration::from_secs(1) || c.unmatched_after > MAX_UNMATCHED_AFTER
+            {
+                problems.push(format!("{key}.unmatched_after: must be between 1s and 24h"));
+            }
             for (j, trigger) in c.failover_on.iter().enumerate() {
                 if crate::router::FailoverTrigger::parse(trigger).is_none() {
                     problems.push(format!(
@@ -950,6 +1008,32 @@ mod tests {
         );
         assert_eq!(config.carriers[1].validity_period, ValidityPeriod::Relative);
         assert_eq!(config.carriers[0].validity_period, ValidityPeriod::None);
+    }
+
+    #[test]
+    fn receipt_keys_are_checked_by_name() {
+        let config = parse(MINIMAL).unwrap();
+        let carrier = &config.carriers[0];
+        assert_eq!(carrier.receipt_id, ReceiptIdRule::AsIs);
+        assert_eq!(carrier.multipart, Multipart::Udh);
+        assert_eq!(carrier.query_after, None);
+        assert_eq!(carrier.unmatched_after, MAX_UNMATCHED_AFTER);
+
+        let text = format!(
+            "{MINIMAL}receipt_id = \"auto\"\nmultipart = \"payload\"\nquery_after = \"1h\"\n"
+        );
+        let carrier = parse(&text).unwrap().carriers.remove(0);
+        assert_eq!(carrier.receipt_id, ReceiptIdRule::Auto);
+        assert_eq!(carrier.multipart, Multipart::Payload);
+        assert_eq!(carrier.query_after, Some(Duration::from_secs(3600)));
+
+        let text = format!("{MINIMAL}query_after = \"10ms\"\nunmatched_after = \"2d\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("carriers[0].query_after"), "{err}");
+        assert!(err.contains("carriers[0].unmatched_after"), "{err}");
+
+        let err = parse(&format!("{MINIMAL}receipt_id = \"octal\"\n")).unwrap_err();
+        assert!(err.to_string().contains("receipt_id"), "{err}");
     }
 
     #[test]

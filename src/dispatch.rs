@@ -208,16 +208,13 @@ impl Dispatcher {
     ) -> Vec<(u32, SubmitOutcome)> {
         let (encoding, parts) = encoding::split(&message.body, message.id.concat_reference());
         let sender = Sender::from_stored(&message.sender);
-        let numbered: Vec<u32> = (1..=parts.len() as u32)
-            .filter(|n| !message.accepted_parts.contains(n))
-            .collect();
-        let to_send = parts
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| numbered.contains(&(*i as u32 + 1)))
-            .map(|(_, p)| p)
-            .collect();
-        let mut pdus = submit_pdus(&message.recipient, &sender, encoding, to_send);
+        let format = carrier.config().multipart;
+        // Parts accepted in an earlier attempt are not sent again.
+        let (numbered, mut pdus): (Vec<u32>, Vec<_>) =
+            submit_pdus(&message.recipient, &sender, encoding, format, parts)
+                .into_iter()
+                .filter(|(n, _)| !message.accepted_parts.contains(n))
+                .unzip();
         let validity = validity_period(
             carrier.config().validity_period,
             message.expires_at,
@@ -272,6 +269,8 @@ fn outcome_label(outcome: &SubmitOutcome) -> &'static str {
         },
         SubmitOutcome::Unknown { .. } => "unknown",
         SubmitOutcome::NotSent => "not_sent",
+        // Only a query_sm is answered so; counted here for completeness.
+        SubmitOutcome::Queried { .. } => "queried",
     }
 }
 

@@ -112,6 +112,9 @@ pub async fn run_with_reloads(
     let simulators = CancellationToken::new();
     let live = reload::live(&config);
     let mut carriers = Vec::new();
+    let unmatched = Arc::new(receipt::unmatched::UnmatchedLog::new(
+        message::Pseudonymizer::new(config.privacy.pseudonym_key.expose().as_bytes()),
+    ));
     for carrier in &config.carriers {
         let address = match (&carrier.simulator, &carrier.address) {
             (Some(sim_config), _) => {
@@ -124,14 +127,16 @@ pub async fn run_with_reloads(
             (None, Some(address)) => address.clone(),
             (None, None) => continue,
         };
-        let deliver = receipt::handler(store.clone(), carrier.name.clone(), live.clone());
-        carriers.push(Arc::new(Carrier::start(
+        let deliver = receipt::handler(store.clone(), carrier, live.clone(), unmatched.clone());
+        let started = Arc::new(Carrier::start(
             carrier.clone(),
             address,
             deliver,
             &binds,
             shutdown.clone(),
-        )));
+        ));
+        start_receipt_upkeep(&store, &started, &unmatched, &shutdown);
+        carriers.push(started);
     }
     binds.close();
     let router = Arc::new(Router::new(carriers, RouteTable::from_config(&config)));
@@ -180,6 +185,7 @@ pub async fn run_with_reloads(
             pseudonyms: message::Pseudonymizer::new(
                 config.privacy.pseudonym_key.expose().as_bytes(),
             ),
+            unmatched: unmatched.clone(),
         };
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -217,6 +223,32 @@ pub async fn run_with_reloads(
     store.close().await;
     info!("stopped");
     served.map_err(RunError::Http)
+}
+
+/// A carrier's receipt chores: giving up receipts that match nothing, and query_sm for
+/// messages whose receipt never came (when `query_after` is set).
+fn start_receipt_upkeep(
+    store: &Arc<dyn Store>,
+    carrier: &Arc<Carrier>,
+    unmatched: &Arc<receipt::unmatched::UnmatchedLog>,
+    shutdown: &CancellationToken,
+) {
+    let config = carrier.config();
+    tokio::spawn(receipt::unmatched::sweep(
+        store.clone(),
+        carrier.name.clone(),
+        config.unmatched_after,
+        unmatched.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(after) = config.query_after {
+        tokio::spawn(receipt::query::run(
+            store.clone(),
+            carrier.clone(),
+            after,
+            shutdown.clone(),
+        ));
+    }
 }
 
 /// Publishes the queue depth and the webhook backlog every few seconds.

@@ -89,6 +89,13 @@ enum Command {
         #[arg(long, default_value = "transactional")]
         category: String,
     },
+    /// Receipts of the running gateway that matched no message (admin API).
+    Receipts {
+        #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: ReceiptsAction,
+    },
     /// Export or erase what an account holds about a phone number (GDPR).
     Subject {
         #[arg(long, env = "SMSGW_CONFIG", default_value = "config/smsgw.toml")]
@@ -125,6 +132,16 @@ enum QueueAction {
     Retry { id: String },
     /// Cancel a waiting message.
     Cancel { id: String },
+}
+
+#[derive(Subcommand)]
+enum ReceiptsAction {
+    /// The last receipts of each carrier that matched no message, newest first (handsets as
+    /// pseudonyms).
+    Unmatched {
+        #[arg(long)]
+        carrier: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -253,6 +270,12 @@ fn main() -> ExitCode {
             account,
             category,
         } => route(&config, &to, sender, account, &category),
+        Command::Receipts { config, action } => match action {
+            ReceiptsAction::Unmatched { carrier } => {
+                let query = carrier.map(|c| format!("?carrier={c}")).unwrap_or_default();
+                daemon(&config, false, format!("/admin/receipts/unmatched{query}"))
+            }
+        },
         Command::Subject { config, action } => admin(&config, |admin| async move {
             match action {
                 SubjectAction::Export { account, number } => {

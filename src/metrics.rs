@@ -121,6 +121,18 @@ pub fn receipt(carrier: &str, state: &'static str, matched: bool) {
     }
 }
 
+/// Parked receipts given up after `unmatched_after`, and unreadable ones.
+pub fn receipt_given_up(carrier: &str, reason: &'static str, count: usize) {
+    counter!("smsgw_receipts_given_up_total", "carrier" => carrier.to_owned(), "reason" => reason)
+        .increment(count as u64);
+}
+
+/// query_sm answers: `final` (applied as the receipt), `pending`, `refused`, `unanswered`.
+pub fn receipt_query(carrier: &str, result: &'static str) {
+    counter!("smsgw_receipt_queries_total", "carrier" => carrier.to_owned(), "result" => result)
+        .increment(1);
+}
+
 /// Time from the carrier accepting a part to its final receipt.
 pub fn receipt_latency(carrier: &str, elapsed_ms: i64) {
     histogram!("smsgw_receipt_latency_seconds", "carrier" => carrier.to_owned())

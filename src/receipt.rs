@@ -5,16 +5,24 @@
 //! stores what they find (the store matches a receipt to its message by `normalize_id`) before
 //! the session acknowledges the PDU.
 
+pub mod id;
+pub mod query;
+pub mod unmatched;
+
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::FutureExt;
 use rusmpp::pdus::DeliverSm;
 use rusmpp::tlvs::TlvValue;
 
+use crate::config::{CarrierConfig, ReceiptIdRule};
 use crate::encoding::{self, Concat};
 use crate::smpp::status::{ESME_ROK, ESME_RX_T_APPN};
-use crate::store::{InboundOwner, Store};
+use crate::store::{InboundOwner, Store, StoreError};
+use id::{IdForm, Learner};
+use unmatched::UnmatchedLog;
 
 /// Message state as reported by a receipt: message_state TLV values 0..=9 (DOMAIN §3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,44 +347,137 @@ pub fn normalize_id(id: &str) -> String {
     }
 }
 
+/// How one carrier's receipt ids are matched: its configured rule, and what `auto` learned.
+pub struct IdMatching {
+    rule: ReceiptIdRule,
+    learner: Mutex<Learner>,
+}
+
+impl IdMatching {
+    pub fn new(rule: ReceiptIdRule) -> IdMatching {
+        IdMatching {
+            rule,
+            learner: Mutex::new(Learner::default()),
+        }
+    }
+
+    fn learner(&self) -> std::sync::MutexGuard<'_, Learner> {
+        self.learner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The key to match `id` by: converted by the configured (or learned) rule; under `auto`
+    /// before it settles, the one reading of the id that a part of this carrier has.
+    async fn key(&self, store: &dyn Store, carrier: &str, id: &str) -> Result<String, StoreError> {
+        let fixed = IdForm::configured(self.rule).or_else(|| self.learner().settled());
+        if let Some(form) = fixed {
+            // An id that is not a number of that base is compared as given.
+            return Ok(id::to_response_form(id, form).unwrap_or_else(|| normalize_id(id)));
+        }
+        let preferred = self.learner().preferred();
+        let mut candidates = id::candidates(id, preferred);
+        if candidates.len() == 1 {
+            return Ok(candidates.swap_remove(0).1);
+        }
+        let keys: Vec<String> = candidates.iter().map(|(_, key)| key.clone()).collect();
+        // A receipt that beat its submit_sm_resp matches nothing yet, and parked under the
+        // wrong reading it would never match: give the response a moment first.
+        for wait in EARLY_RECEIPT_WAITS
+            .iter()
+            .map(|&ms| Duration::from_millis(ms))
+        {
+            tokio::time::sleep(wait).await;
+            let known = store.known_carrier_ids(carrier, &keys).await?;
+            let matching: Vec<_> = candidates
+                .iter()
+                .filter(|(_, key)| known.contains(key))
+                .collect();
+            match matching.as_slice() {
+                [] => continue,
+                [(form, key)] => {
+                    self.settle(carrier, *form);
+                    return Ok(key.clone());
+                }
+                // Ambiguous: no evidence, the preferred reading.
+                _ => break,
+            }
+        }
+        Ok(candidates.swap_remove(0).1)
+    }
+
+    fn settle(&self, carrier: &str, form: IdForm) {
+        if let Some(settled) = self.learner().observe(form) {
+            tracing::info!(
+                carrier,
+                receipt_id = settled.as_str(),
+                "receipt ids learned: this carrier's receipts match its responses read as `{}`; set receipt_id to it to skip the learning",
+                settled.as_str()
+            );
+        }
+    }
+}
+
+/// While `auto` learns, the waits (ms) before each lookup of a receipt's readings; one that
+/// still matches none is then parked under the preferred one.
+const EARLY_RECEIPT_WAITS: [u64; 4] = [0, 250, 500, 1000];
+
 /// The deliver_sm handler of one carrier's binds: stores the receipt or inbound SMS, and only
 /// then lets the session acknowledge it (so a crash makes the carrier send it again).
 pub fn handler(
     store: Arc<dyn Store>,
-    carrier: String,
+    carrier: &CarrierConfig,
     live: crate::reload::Live,
+    unmatched: Arc<UnmatchedLog>,
 ) -> crate::smpp::DeliverHandler {
+    let name = carrier.name.clone();
+    let ids = Arc::new(IdMatching::new(carrier.receipt_id));
     Arc::new(move |pdu: DeliverSm| {
         let store = store.clone();
-        let carrier = carrier.clone();
+        let carrier = name.clone();
         let live = live.clone();
-        async move { handle(&*store, &carrier, &live.load().inbound, &pdu).await }.boxed()
+        let ids = ids.clone();
+        let unmatched = unmatched.clone();
+        async move {
+            let context = Context {
+                store: &*store,
+                carrier: &carrier,
+                ids: &ids,
+                unmatched: &unmatched,
+            };
+            handle(&context, &live.load().inbound, &pdu).await
+        }
+        .boxed()
     })
 }
 
+/// What handling one carrier's deliver_sm needs.
+struct Context<'a> {
+    store: &'a dyn Store,
+    carrier: &'a str,
+    ids: &'a IdMatching,
+    unmatched: &'a UnmatchedLog,
+}
+
 async fn handle(
-    store: &dyn Store,
-    carrier: &str,
+    context: &Context<'_>,
     inbound: &HashMap<String, InboundOwner>,
     pdu: &DeliverSm,
 ) -> u32 {
+    let carrier = context.carrier;
     let stored = match classify(pdu) {
-        Ok(Delivered::Receipt(receipt)) => {
-            let state = receipt.state;
-            store.apply_receipt(carrier, receipt).await.map(|matched| {
-                let found = matched == crate::store::ReceiptMatch::Matched;
-                crate::metrics::receipt(carrier, state.as_str(), found);
-                tracing::debug!(carrier, state = state.as_str(), ?matched, "receipt");
-            })
-        }
+        Ok(Delivered::Receipt(receipt)) => store_receipt(context, receipt, pdu).await,
         Ok(Delivered::Inbound(sms)) => {
             crate::metrics::inbound(carrier);
             let owner = inbound.get(sms.to.trim_start_matches('+')).cloned();
-            store.store_inbound(carrier, sms, owner).await
+            context.store.store_inbound(carrier, sms, owner).await
         }
         Err(error) => {
             // Acknowledged all the same: refusing it would only make the carrier resend it.
             tracing::warn!(carrier, %error, "unreadable delivery receipt dropped");
+            crate::metrics::receipt_given_up(carrier, "unreadable", 1);
+            let handset = c_string(pdu.source_addr.as_ref());
+            context
+                .unmatched
+                .unreadable(carrier, &handset, error.to_string());
             Ok(())
         }
     };
@@ -388,6 +489,33 @@ async fn handle(
             ESME_RX_T_APPN
         }
     }
+}
+
+/// Matches the receipt's id by the carrier's rule and stores it.
+async fn store_receipt(
+    context: &Context<'_>,
+    receipt: Receipt,
+    pdu: &DeliverSm,
+) -> Result<(), StoreError> {
+    let carrier = context.carrier;
+    let state = receipt.state;
+    let key = context
+        .ids
+        .key(context.store, carrier, &receipt.carrier_message_id)
+        .await?;
+    let receipt = Receipt {
+        carrier_message_id: key.clone(),
+        ..receipt
+    };
+    let matched = context.store.apply_receipt(carrier, receipt).await?;
+    let found = matched == crate::store::ReceiptMatch::Matched;
+    crate::metrics::receipt(carrier, state.as_str(), found);
+    tracing::debug!(carrier, state = state.as_str(), ?matched, "receipt");
+    if !found {
+        let handset = c_string(pdu.source_addr.as_ref());
+        context.unmatched.parked(carrier, &key, &handset);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub struct AdminState {
     pub messages: Arc<MessagesConfig>,
     /// Operators see numbers as pseudonyms: the queue is for diagnosis, not for reading.
     pub pseudonyms: Pseudonymizer,
+    /// Receipts that matched no message (numbers already pseudonymised).
+    pub unmatched: Arc<crate::receipt::unmatched::UnmatchedLog>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -35,6 +37,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/route", get(route))
         .route("/admin/carriers/{name}/pause", post(pause))
         .route("/admin/carriers/{name}/resume", post(resume))
+        .route("/admin/receipts/unmatched", get(unmatched_receipts))
         .with_state(state)
 }
 
@@ -135,6 +138,30 @@ async fn route(
         .preview(&facts)
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "no_route", e.to_string()))?;
     Ok(Json(json!(plan)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnmatchedQuery {
+    carrier: Option<String>,
+}
+
+/// The last receipts of each carrier that matched no message, newest first.
+async fn unmatched_receipts(
+    State(state): State<AdminState>,
+    Query(query): Query<UnmatchedQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(name) = &query.carrier
+        && state.carriers.find(name).is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such carrier",
+        ));
+    }
+    let receipts = state.unmatched.list(query.carrier.as_deref());
+    Ok(Json(json!({ "receipts": receipts })))
 }
 
 fn message_id(text: &str) -> Result<MessageId, ApiError> {

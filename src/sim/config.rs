@@ -33,8 +33,63 @@ pub struct SimConfig {
     /// Carrier quirk: send the receipt deliver_sm *before* the submit_sm_resp carrying the same
     /// message id (DOMAIN.md §3.5 quirk 3). `receipt_delay` is ignored when set.
     pub receipt_before_response: bool,
-    /// `false` never sends receipts, whatever registered_delivery asks for.
+    /// `false` never sends receipts, whatever registered_delivery asks for (query_sm still
+    /// answers: the simulator knows what it delivered).
     pub receipts: bool,
+    /// How submit_sm_resp writes message ids: `decimal` (default) or `hex` (lower case).
+    pub response_ids: IdFormat,
+    /// Carrier quirk (DOMAIN.md §3.5 quirk 1): how receipts write the same id. `same` as the
+    /// response (default), or `decimal` / `hex` whatever the response used.
+    pub receipt_ids: ReceiptIds,
+    /// `false`: receipts carry only the Appendix-B text, no receipted_message_id and
+    /// message_state TLVs (as many 3.4 SMSCs send them).
+    pub receipt_tlvs: bool,
+}
+
+/// How the simulator writes a message id (a 64-bit counter).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdFormat {
+    #[default]
+    Decimal,
+    Hex,
+}
+
+impl IdFormat {
+    pub fn write(self, id: u64) -> String {
+        match self {
+            IdFormat::Decimal => id.to_string(),
+            IdFormat::Hex => format!("{id:x}"),
+        }
+    }
+
+    pub fn read(self, id: &str) -> Option<u64> {
+        match self {
+            IdFormat::Decimal => id.parse().ok(),
+            IdFormat::Hex => u64::from_str_radix(id, 16).ok(),
+        }
+    }
+}
+
+/// How the simulator's receipts write a message id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptIds {
+    #[default]
+    Same,
+    Decimal,
+    Hex,
+}
+
+impl ReceiptIds {
+    /// The format receipts use when responses use `response`.
+    pub fn format(self, response: IdFormat) -> IdFormat {
+        match self {
+            ReceiptIds::Same => response,
+            ReceiptIds::Decimal => IdFormat::Decimal,
+            ReceiptIds::Hex => IdFormat::Hex,
+        }
+    }
 }
 
 /// Shows everything but the password.
@@ -49,6 +104,9 @@ impl std::fmt::Debug for SimConfig {
             .field("undeliverable_ratio", &self.undeliverable_ratio)
             .field("receipt_before_response", &self.receipt_before_response)
             .field("receipts", &self.receipts)
+            .field("response_ids", &self.response_ids)
+            .field("receipt_ids", &self.receipt_ids)
+            .field("receipt_tlvs", &self.receipt_tlvs)
             .finish()
     }
 }
@@ -64,6 +122,9 @@ impl Default for SimConfig {
             undeliverable_ratio: 0.0,
             receipt_before_response: false,
             receipts: true,
+            response_ids: IdFormat::Decimal,
+            receipt_ids: ReceiptIds::Same,
+            receipt_tlvs: true,
         }
     }
 }
@@ -114,6 +175,19 @@ mod tests {
         assert!(config.receipts);
         assert!(!config.receipt_before_response);
         assert_eq!(config.throttle_above_per_second, None);
+        assert_eq!(config.response_ids, IdFormat::Decimal);
+        assert_eq!(config.receipt_ids, ReceiptIds::Same);
+        assert!(config.receipt_tlvs);
+    }
+
+    #[test]
+    fn id_formats_write_and_read_the_same_number() {
+        assert_eq!(IdFormat::Hex.write(5_914_401), "5a3f21");
+        assert_eq!(IdFormat::Decimal.write(5_914_401), "5914401");
+        assert_eq!(IdFormat::Hex.read("5A3F21"), Some(5_914_401));
+        assert_eq!(IdFormat::Decimal.read("5a3f21"), None);
+        assert_eq!(ReceiptIds::Same.format(IdFormat::Hex), IdFormat::Hex);
+        assert_eq!(ReceiptIds::Decimal.format(IdFormat::Hex), IdFormat::Decimal);
     }
 
     #[test]

@@ -16,13 +16,13 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use rusmpp::{
     Command, CommandId, CommandStatus, Pdu,
     pdus::{
-        BindReceiverResp, BindTransceiverResp, BindTransmitterResp, DeliverSm, SubmitSm,
-        SubmitSmResp,
+        BindReceiverResp, BindTransceiverResp, BindTransmitterResp, DeliverSm, QuerySm,
+        QuerySmResp, SubmitSm, SubmitSmResp,
     },
     tlvs::TlvValue,
     tokio_codec::{CommandCodec, EncodeError},
     types::COctetString,
-    values::InterfaceVersion,
+    values::{InterfaceVersion, MessageState},
 };
 use time::OffsetDateTime;
 use tokio::{net::TcpStream, sync::mpsc};
@@ -245,6 +245,7 @@ impl Session {
                 .await
             }
             Some(Pdu::SubmitSm(submit)) => self.on_submit(sequence, submit).await,
+            Some(Pdu::QuerySm(query)) => self.on_query(sequence, &query).await,
             Some(Pdu::EnquireLink) => {
                 self.respond(CommandStatus::EsmeRok, sequence, Pdu::EnquireLinkResp)
                     .await?;
@@ -379,11 +380,8 @@ impl Session {
             return Ok(Flow::Continue);
         }
 
-        let message_id = self
-            .shared
-            .next_message_id
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string();
+        let number = self.shared.next_message_id.fetch_add(1, Ordering::Relaxed);
+        let message_id = config.response_ids.write(number);
         let outcome = if config.undeliverable_ratio > 0.0
             && rand::random::<f64>() < config.undeliverable_ratio
         {
@@ -391,6 +389,8 @@ impl Session {
         } else {
             Outcome::Delivered
         };
+        let final_at = std::time::Instant::now() + config.receipt_delay;
+        self.shared.record_outcome(number, outcome, final_at);
         let registered_delivery = u8::from(submit.registered_delivery);
         let record = SubmittedPdu {
             message_id: message_id.clone(),
@@ -402,6 +402,7 @@ impl Session {
             short_message: message_body(&submit),
             validity_period: submit.validity_period.as_str().to_owned(),
             connection: self.id,
+            sar: sar_tlvs(&submit),
         };
         self.shared.record_submitted(record);
         let response = SubmitSmResp::builder()
@@ -416,7 +417,8 @@ impl Session {
             return Ok(Flow::Continue);
         }
         let job = ReceiptJob {
-            message_id,
+            // Carrier quirk (DOMAIN.md §3.5 quirk 1): the receipt may write it another way.
+            message_id: config.receipt_ids.format(config.response_ids).write(number),
             outcome,
             source: (
                 submit.source_addr_ton,
@@ -429,6 +431,7 @@ impl Session {
                 submit.destination_addr,
             ),
             submitted_at: OffsetDateTime::now_utc(),
+            tlvs: config.receipt_tlvs,
         };
         let receives = self.bind.is_some_and(BindKind::can_receive);
         if config.receipt_before_response {
@@ -454,6 +457,46 @@ impl Session {
                 shared.deliver(preferred, receipt).await;
             });
         }
+        Ok(Flow::Continue)
+    }
+
+    /// query_sm: the state of a message this simulator accepted (its final state once the
+    /// receipt is due, whether or not receipts are sent), or ESME_RQUERYFAIL for an id it
+    /// never gave.
+    async fn on_query(&mut self, sequence: u32, query: &QuerySm) -> Result<Flow, EncodeError> {
+        if !self.bind.is_some_and(BindKind::can_submit) {
+            self.respond(
+                CommandStatus::EsmeRinvbndsts,
+                sequence,
+                QuerySmResp::default(),
+            )
+            .await?;
+            return Ok(Flow::Continue);
+        }
+        self.refresh_config();
+        self.shared.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let state = self
+            .config
+            .response_ids
+            .read(query.message_id.as_str())
+            .and_then(|id| self.shared.message_state(id));
+        let Some(state) = state else {
+            self.respond(
+                CommandStatus::EsmeRqueryfail,
+                sequence,
+                QuerySmResp::default(),
+            )
+            .await?;
+            return Ok(Flow::Continue);
+        };
+        let error_code = u8::from(state == MessageState::Undeliverable);
+        let response = QuerySmResp::builder()
+            .message_id(query.message_id.clone())
+            .message_state(state)
+            .error_code(error_code)
+            .build();
+        self.respond(CommandStatus::EsmeRok, sequence, response)
+            .await?;
         Ok(Flow::Continue)
     }
 
@@ -497,6 +540,20 @@ impl Session {
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The SAR TLVs of a submit_sm, when all three are there.
+fn sar_tlvs(submit: &SubmitSm) -> Option<(u16, u8, u8)> {
+    let (mut reference, mut total, mut seqnum) = (None, None, None);
+    for tlv in submit.tlvs() {
+        match tlv.value() {
+            Some(TlvValue::SarMsgRefNum(v)) => reference = Some(*v),
+            Some(TlvValue::SarTotalSegments(v)) => total = Some(*v),
+            Some(TlvValue::SarSegmentSeqnum(v)) => seqnum = Some(*v),
+            _ => {}
+        }
+    }
+    Some((reference?, total?, seqnum?))
 }
 
 /// The message bytes of a submit_sm: `short_message`, or the message_payload TLV when

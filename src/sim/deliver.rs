@@ -47,6 +47,11 @@ impl Outcome {
         }
     }
 
+    /// The message_state a query_sm answer reports once the receipt is due.
+    pub(super) fn message_state(self) -> MessageState {
+        self.parts().3
+    }
+
     fn parts(self) -> (&'static str, &'static str, &'static str, MessageState) {
         match self {
             Outcome::Delivered => ("001", "DELIVRD", "000", MessageState::Delivered),
@@ -65,6 +70,8 @@ pub(super) struct ReceiptJob {
     /// The submit's destination (the handset); becomes the receipt's source.
     pub destination: (Ton, Npi, COctetString<1, 21>),
     pub submitted_at: OffsetDateTime,
+    /// Send receipted_message_id and message_state TLVs besides the text.
+    pub tlvs: bool,
 }
 
 /// The de-facto receipt text (SMPP 3.4 Appendix B). `text:` stays empty so that no message
@@ -97,12 +104,15 @@ impl ReceiptJob {
             .destination_addr(self.source.2.clone())
             .esm_class(EsmClass::from(ESM_CLASS_RECEIPT))
             .registered_delivery(RegisteredDelivery::from(0u8))
-            .data_coding(DataCoding::McSpecific)
-            .push_tlv(MessageDeliveryRequestTlvValue::MessageState(state));
+            .data_coding(DataCoding::McSpecific);
         // The id is ASCII digits of at most 20 characters, so both conversions always succeed.
         if let Ok(short_message) = OctetString::from_string(text) {
             builder = builder.short_message(short_message);
         }
+        if !self.tlvs {
+            return builder.build();
+        }
+        builder = builder.push_tlv(MessageDeliveryRequestTlvValue::MessageState(state));
         if let Ok(id) = COctetString::from_str(&self.message_id) {
             builder = builder.push_tlv(MessageDeliveryRequestTlvValue::ReceiptedMessageId(id));
         }

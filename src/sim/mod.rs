@@ -34,7 +34,7 @@ use rusmpp::pdus::DeliverSm;
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use config::SimConfig;
+pub use config::{IdFormat, ReceiptIds, SimConfig};
 
 /// How many accepted submissions [`SimHandle::submitted`] keeps. A long benchmark pushes
 /// millions of PDUs through `smsgw sim`; beyond this the oldest entries are dropped so memory
@@ -62,6 +62,9 @@ pub struct SubmittedPdu {
     pub validity_period: String,
     /// Which TCP connection carried it (simulator-wide counter, starting at 1).
     pub connection: u64,
+    /// The SAR TLVs (sar_msg_ref_num, sar_total_segments, sar_segment_seqnum) when all three
+    /// came.
+    pub sar: Option<(u16, u8, u8)>,
 }
 
 /// Errors of [`SimHandle::send_mo`].
@@ -174,6 +177,11 @@ impl SimHandle {
         self.shared.counters.deliver_sent.load(Ordering::Relaxed)
     }
 
+    /// How many query_sm were answered (known id or not).
+    pub fn query_count(&self) -> usize {
+        self.shared.counters.queries.load(Ordering::Relaxed)
+    }
+
     /// How many deliver_sm_resp came back (any status).
     pub fn deliver_sm_resp_count(&self) -> usize {
         self.shared.counters.deliver_resps.load(Ordering::Relaxed)
@@ -235,6 +243,7 @@ struct Shared {
     throttle: ThrottleWindow,
     counters: Counters,
     submitted: Mutex<VecDeque<SubmittedPdu>>,
+    outcomes: Mutex<Outcomes>,
     registry: Mutex<Registry>,
     /// Round-robin cursor over receiving sessions.
     next_receiver: AtomicUsize,
@@ -248,6 +257,14 @@ struct Counters {
     bind_attempts: AtomicUsize,
     deliver_sent: AtomicUsize,
     deliver_resps: AtomicUsize,
+    queries: AtomicUsize,
+}
+
+/// What became of the last [`SUBMITTED_LOG_CAPACITY`] messages, for query_sm.
+#[derive(Default)]
+struct Outcomes {
+    by_id: std::collections::HashMap<u64, (deliver::Outcome, Instant)>,
+    order: VecDeque<u64>,
 }
 
 /// Live connections, and deliver_sm waiting for a receiver. One lock, so that "no receiver is
@@ -277,6 +294,7 @@ impl Shared {
             throttle: ThrottleWindow::new(),
             counters: Counters::default(),
             submitted: Mutex::new(VecDeque::new()),
+            outcomes: Mutex::new(Outcomes::default()),
             registry: Mutex::new(Registry::default()),
             next_receiver: AtomicUsize::new(0),
         }
@@ -296,6 +314,29 @@ impl Shared {
             log.pop_front();
         }
         log.push_back(pdu);
+    }
+
+    /// Remembers that message `id` reaches `outcome` at `final_at`, for query_sm.
+    fn record_outcome(&self, id: u64, outcome: deliver::Outcome, final_at: Instant) {
+        let mut outcomes = lock(&self.outcomes);
+        if outcomes.order.len() == SUBMITTED_LOG_CAPACITY
+            && let Some(oldest) = outcomes.order.pop_front()
+        {
+            outcomes.by_id.remove(&oldest);
+        }
+        outcomes.order.push_back(id);
+        outcomes.by_id.insert(id, (outcome, final_at));
+    }
+
+    /// The state of message `id` now: its outcome once final, ENROUTE before; None if unknown.
+    fn message_state(&self, id: u64) -> Option<rusmpp::values::MessageState> {
+        let outcomes = lock(&self.outcomes);
+        let (outcome, final_at) = outcomes.by_id.get(&id)?;
+        Some(if Instant::now() >= *final_at {
+            outcome.message_state()
+        } else {
+            rusmpp::values::MessageState::Enroute
+        })
     }
 
     /// A receiving session's outbound queue, round robin.

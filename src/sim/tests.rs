@@ -6,7 +6,8 @@ use futures::{SinkExt, StreamExt};
 use rusmpp::{
     Command, CommandId, CommandStatus, Pdu,
     pdus::{
-        BindReceiver, BindTransceiver, BindTransmitter, DeliverSm, DeliverSmResp, QuerySm, SubmitSm,
+        BindReceiver, BindTransceiver, BindTransmitter, CancelSm, DeliverSm, DeliverSmResp,
+        QuerySm, SubmitSm,
     },
     tlvs::TlvValue,
     tokio_codec::CommandCodec,
@@ -482,7 +483,12 @@ async fn wrong_state_and_unknown_commands_are_refused() {
     assert_eq!(response.id(), CommandId::SubmitSmResp);
     assert_eq!(response.status(), CommandStatus::EsmeRinvbndsts);
 
-    let sequence = rx.send(QuerySm::default()).await;
+    rx.send(QuerySm::default()).await;
+    let response = rx.recv().await;
+    assert_eq!(response.id(), CommandId::QuerySmResp);
+    assert_eq!(response.status(), CommandStatus::EsmeRinvbndsts);
+
+    let sequence = rx.send(CancelSm::default()).await;
     let response = rx.recv().await;
     assert_eq!(response.id(), CommandId::GenericNack);
     assert_eq!(response.status(), CommandStatus::EsmeRinvcmdid);
@@ -492,6 +498,74 @@ async fn wrong_state_and_unknown_commands_are_refused() {
     assert_eq!(again.status(), CommandStatus::EsmeRalybnd);
     assert_eq!(sim.handle.bind_attempts(), 2);
     assert_eq!(sim.handle.submitted_count(), 0);
+}
+
+#[tokio::test]
+async fn hex_responses_with_decimal_text_only_receipts() {
+    let sim = sim(SimConfig {
+        response_ids: config::IdFormat::Hex,
+        receipt_ids: config::ReceiptIds::Decimal,
+        receipt_tlvs: false,
+        ..fast()
+    })
+    .await;
+    let mut esme = Esme::bound(&sim, Kind::Trx).await;
+    esme.submit(0x01).await;
+    let hex = submit_resp_id(&esme.recv().await);
+    let number = u64::from_str_radix(&hex, 16).expect("a hex id");
+    let receipt = esme.recv().await;
+    let deliver = deliver_sm(&receipt);
+    assert_eq!(receipt_tlvs(deliver), (None, None), "text only");
+    let text = std::str::from_utf8(deliver.short_message().as_ref()).unwrap();
+    assert!(
+        text.starts_with(&format!("id:{number} ")),
+        "{text} vs {hex}"
+    );
+}
+
+#[tokio::test]
+async fn query_sm_tells_the_state_of_what_was_submitted() {
+    let sim = sim(SimConfig {
+        receipts: false,
+        // Long enough that the first query surely comes before it, on a loaded machine too.
+        receipt_delay: Duration::from_secs(2),
+        ..SimConfig::default()
+    })
+    .await;
+    let mut esme = Esme::bound(&sim, Kind::Trx).await;
+    esme.submit(0x01).await;
+    let id = submit_resp_id(&esme.recv().await);
+    let query = |id: &str| {
+        QuerySm::builder()
+            .message_id(COctetString::from_str(id).unwrap())
+            .build()
+    };
+    let state_of = |command: &Command| match command.pdu() {
+        Some(Pdu::QuerySmResp(resp)) => resp.message_state,
+        other => panic!("not a query_sm_resp: {other:?}"),
+    };
+    esme.send(query(&id)).await;
+    let early = esme.recv().await;
+    assert_eq!(early.status(), CommandStatus::EsmeRok);
+    assert_eq!(
+        state_of(&early),
+        MessageState::Enroute,
+        "before the receipt is due"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        esme.send(query(&id)).await;
+        if state_of(&esme.recv().await) == MessageState::Delivered {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    esme.send(query("1")).await;
+    let unknown = esme.recv().await;
+    assert_eq!(unknown.status(), CommandStatus::EsmeRqueryfail);
+    assert!(sim.handle.query_count() >= 3);
+    assert_eq!(sim.handle.deliver_sm_sent(), 0, "receipts are off");
 }
 
 #[tokio::test]

@@ -2,15 +2,16 @@
 //! (`session`) that keeps its window full within its rate.
 
 pub mod codec;
+pub mod multipart;
+pub mod query;
 pub mod session;
 pub mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use rusmpp::Pdu;
 use rusmpp::pdus::SubmitSm;
-use rusmpp::types::{COctetString, OctetString};
-use rusmpp::values::{DataCoding, EsmClass, Npi, RegisteredDelivery, Ton};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
@@ -19,8 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{CarrierConfig, ValidityPeriod};
-use crate::encoding::Encoding;
-use crate::message::Sender;
+pub use multipart::submit_pdus;
 pub use session::{CarrierHealth, DeliverHandler, SubmitJob, SubmitOutcome};
 
 /// The limits of each bind that a reload may change while it stays bound.
@@ -165,6 +165,11 @@ impl Carrier {
     /// Submits one segment and waits for its outcome, for a bounded time: a segment no bind
     /// takes in time comes back `NotSent`. A `high` one goes in the lane binds empty first.
     pub async fn submit(&self, pdu: SubmitSm, high: bool) -> SubmitOutcome {
+        self.send(pdu.into(), high).await
+    }
+
+    /// Sends one request (submit_sm, query_sm) on a bind, within the bounds of `submit`.
+    async fn send(&self, pdu: Pdu, high: bool) -> SubmitOutcome {
         let (reply, outcome) = oneshot::channel();
         let job = SubmitJob {
             pdu,
@@ -185,46 +190,6 @@ impl Carrier {
             },
         }
     }
-}
-
-/// The submit_sm for each segment of a message. Numbers go out as international digits
-/// (TON 1, NPI 1); alphanumeric senders as TON 5, short codes as TON 3 (DOMAIN.md §5).
-pub fn submit_pdus(
-    recipient_e164: &str,
-    sender: &Sender,
-    encoding: Encoding,
-    parts: Vec<Vec<u8>>,
-) -> Vec<SubmitSm> {
-    let multipart = parts.len() > 1;
-    let (source_ton, source_npi) = match sender {
-        Sender::Alphanumeric(_) => (Ton::Alphanumeric, Npi::Unknown),
-        Sender::Numeric(digits) if digits.len() <= 8 => (Ton::NetworkSpecific, Npi::Unknown),
-        Sender::Numeric(_) => (Ton::International, Npi::Isdn),
-    };
-    let source: COctetString<1, 21> = sender.as_str().parse().unwrap_or_default();
-    let destination: COctetString<1, 21> = recipient_e164
-        .trim_start_matches('+')
-        .parse()
-        .unwrap_or_default();
-    // rusmpp's EsmClass::default() is 0x08; always build it from the byte (CRATES.md pitfall 1).
-    let esm_class = EsmClass::from(if multipart { 0x40u8 } else { 0x00u8 });
-    parts
-        .into_iter()
-        .map(|part| {
-            SubmitSm::builder()
-                .source_addr_ton(source_ton)
-                .source_addr_npi(source_npi)
-                .source_addr(source.clone())
-                .dest_addr_ton(Ton::International)
-                .dest_addr_npi(Npi::Isdn)
-                .destination_addr(destination.clone())
-                .esm_class(esm_class)
-                .registered_delivery(RegisteredDelivery::from(0x01u8))
-                .data_coding(DataCoding::from(encoding.data_coding()))
-                .short_message(OctetString::from_vec(part).unwrap_or_default())
-                .build()
-        })
-        .collect()
 }
 
 /// The `validity_period` of submit_sm for a message valid until `expires_at` (ms) when sent at
@@ -281,27 +246,5 @@ mod tests {
             validity_period(ValidityPeriod::Absolute, now, now - 5000).as_deref(),
             Some("250301143000000+")
         );
-    }
-
-    #[test]
-    fn esm_class_is_zero_for_one_part_and_udhi_for_several() {
-        let one = submit_pdus(
-            "+46701234567",
-            &Sender::Alphanumeric("iP1".into()),
-            Encoding::Gsm7,
-            vec![b"hi".to_vec()],
-        );
-        assert_eq!(u8::from(one[0].esm_class), 0x00);
-        assert_eq!(one[0].destination_addr.as_str(), "46701234567");
-        assert_eq!(one[0].source_addr_ton, Ton::Alphanumeric);
-        let two = submit_pdus(
-            "+46701234567",
-            &Sender::Numeric("46700000000".into()),
-            Encoding::Ucs2,
-            vec![vec![0; 10], vec![0; 10]],
-        );
-        assert!(two.iter().all(|p| u8::from(p.esm_class) == 0x40));
-        assert_eq!(u8::from(two[0].data_coding), 0x08);
-        assert_eq!(two[0].source_addr_ton, Ton::International);
     }
 }

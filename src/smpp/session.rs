@@ -17,7 +17,7 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt, future::BoxFuture};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
-use rusmpp::pdus::{BindTransceiver, DeliverSm, DeliverSmResp, SubmitSm};
+use rusmpp::pdus::{BindTransceiver, DeliverSm, DeliverSmResp};
 use rusmpp::types::COctetString;
 use rusmpp::values::{InterfaceVersion, Npi, Ton};
 use rusmpp::{Command, CommandStatus, Pdu};
@@ -42,9 +42,9 @@ const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(100);
 const DELIVER_SM: u32 = 0x0000_0005;
 
-/// One segment to submit, and where its outcome goes.
+/// One segment to submit (or a query_sm), and where its outcome goes.
 pub struct SubmitJob {
-    pub pdu: SubmitSm,
+    pub pdu: Pdu,
     pub reply: oneshot::Sender<SubmitOutcome>,
     /// A job still queued at this time is answered `NotSent`: its message goes back to the
     /// store (and may take another carrier) instead of waiting on a dead link.
@@ -62,6 +62,8 @@ pub enum SubmitOutcome {
     Unknown { reason: String },
     /// Never written (the bind was closing): safe to send again.
     NotSent,
+    /// The answer to a query_sm (never to a submit_sm): message_state and error_code.
+    Queried { message_state: u8, error_code: u8 },
 }
 
 /// Handles a deliver_sm (receipt or inbound SMS) and says which command_status to answer
@@ -417,7 +419,14 @@ impl<'a> Session<'a> {
                 };
                 self.answer(sequence, outcome);
             }
-            None if command.id() == rusmpp::CommandId::SubmitSmResp => {
+            Some(Pdu::QuerySmResp(resp)) => {
+                self.answer(sequence, super::query::outcome(code, resp));
+            }
+            None if matches!(
+                command.id(),
+                rusmpp::CommandId::SubmitSmResp | rusmpp::CommandId::QuerySmResp
+            ) =>
+            {
                 // An error response with no body (the SMPP 3.4 rule).
                 self.answer(sequence, SubmitOutcome::Rejected { status: code });
             }

@@ -232,6 +232,30 @@ pub enum ReceiptMatch {
     Parked,
 }
 
+/// A receipt the store parked (no part had its id) and now gives up on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedReceipt {
+    /// Normalised, as it was looked up.
+    pub carrier_message_id: String,
+    /// A `ReceiptState` word.
+    pub state: String,
+    pub error_code: Option<String>,
+    pub received_at: i64,
+}
+
+/// A part accepted by a carrier long ago and still without a final receipt: to be asked
+/// about with query_sm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptQuery {
+    pub message_id: MessageId,
+    pub part: u32,
+    /// As the carrier's submit_sm_resp wrote it (the normalised id for parts stored before
+    /// the verbatim one was kept).
+    pub carrier_message_id: String,
+    /// The message's sender, as stored: query_sm names the source address.
+    pub sender: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelResult {
     Canceled,
@@ -471,6 +495,44 @@ pub trait Store: Send + Sync + 'static {
         carrier: &str,
         receipt: Receipt,
     ) -> Result<ReceiptMatch, StoreError>;
+
+    /// Which of `ids` (normalised) some part of `carrier` has: how `receipt_id = "auto"`
+    /// tells which reading of a receipt's id is meant. A backend without it answers none, and
+    /// `auto` then matches ids as given.
+    async fn known_carrier_ids(
+        &self,
+        carrier: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let _ = (carrier, ids);
+        Ok(Vec::new())
+    }
+
+    /// Removes and returns the receipts of `carrier` parked (by `apply_receipt`) before
+    /// `received_before` (ms) whose part never came. A backend without it keeps its own
+    /// expiry of parked receipts, and the unmatched list shows only unreadable ones.
+    async fn take_unmatched_receipts(
+        &self,
+        carrier: &str,
+        received_before: i64,
+    ) -> Result<Vec<ParkedReceipt>, StoreError> {
+        let _ = (carrier, received_before);
+        Ok(Vec::new())
+    }
+
+    /// Up to `limit` parts of `carrier`'s `sent` messages accepted before `accepted_before`
+    /// (ms) that have no final receipt and were not asked about since then; marks them asked
+    /// about now, so each is queried at most once per period. A backend without it never
+    /// queries.
+    async fn claim_receipt_queries(
+        &self,
+        carrier: &str,
+        accepted_before: i64,
+        limit: u32,
+    ) -> Result<Vec<ReceiptQuery>, StoreError> {
+        let _ = (carrier, accepted_before, limit);
+        Ok(Vec::new())
+    }
 
     /// Stores a mobile-originated message for its owner, if known, with a webhook if the
     /// owner has one.
