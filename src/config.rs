@@ -467,7 +467,8 @@ fn default_reconnect_max() -> Duration {
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(5)
 }
-/// The store forgets a parked receipt after a day whatever this says (`EARLY_RECEIPT_TTL_MS`).
+/// Longest `unmatched_after`: the store drops parked receipts unseen an hour after it
+/// (`EARLY_RECEIPT_TTL_MS`).
 pub const MAX_UNMATCHED_AFTER: Duration = Duration::from_secs(24 * 3600);
 fn default_unmatched_after() -> Duration {
     MAX_UNMATCHED_AFTER

@@ -114,7 +114,7 @@ async fn auto_learns_a_carrier_that_writes_receipt_ids_in_decimal() {
 
 #[tokio::test]
 async fn unconfigured_the_quirk_leaves_receipts_unmatched_and_listed_without_numbers() {
-    let (_dir, sim, gateway) =
+    let (dir, sim, gateway) =
         setup(hex_responses_decimal_receipts(), "unmatched_after = \"1s\"").await;
     let id = send(&gateway, "nobody will match this").await;
     let admin = |path: String| {
@@ -159,6 +159,26 @@ async fn unconfigured_the_quirk_leaves_receipts_unmatched_and_listed_without_num
     ))
     .await;
     assert_eq!(status, 404);
+
+    // The command asks the running gateway's admin API.
+    let admin_address = gateway.admin_url.trim_start_matches("http://");
+    let config = dir.path().join("smsgw.toml");
+    let text = config_text(&gateway.db, sim.address(), None)
+        + &format!("\n[admin]\nlisten = \"{admin_address}\"\n");
+    std::fs::write(&config, text).unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsgw"))
+            .args(["receipts", "--config", config.to_str().unwrap()])
+            .args(["unmatched", "--carrier", "sim"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(printed.contains(&response_id), "{printed}");
+    assert!(!printed.contains("46701234567"), "{printed}");
 }
 
 /// A GSM-7 text of three parts.

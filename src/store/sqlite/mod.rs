@@ -29,8 +29,9 @@ use super::*;
 use crate::message::{now_ms, rfc3339};
 use crate::receipt::{ReceiptState, normalize_id};
 
-/// How long an early receipt waits for its submit_sm_resp before it is dropped as unmatched.
-const EARLY_RECEIPT_TTL_MS: i64 = 24 * 3600 * 1000;
+/// A backstop: parked receipts older than this are dropped unseen. Each carrier's sweeper
+/// gives them up (and lists them) after its `unmatched_after`, at most 24 h, so an hour later.
+const EARLY_RECEIPT_TTL_MS: i64 = 25 * 3600 * 1000;
 
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
