@@ -2,7 +2,8 @@
 //! receipts the many ways SMSCs write them (DOMAIN §3).
 //!
 //! Classifying and parsing are pure functions over rusmpp's owned `DeliverSm`; [`handler`]
-//! stores what they find (the store matches a receipt to its message by `normalize_id`) before
+//! stores what they find (the store matches a receipt to its message by `normalize_id`, after
+//! the carrier's `receipt_id` rule turned the id into its response's form, see [`id`]) before
 //! the session acknowledges the PDU.
 
 pub mod id;

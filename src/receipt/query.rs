@@ -36,6 +36,7 @@ pub async fn run(
         // A full round means more are waiting: go on at once.
         while let Some(asked) = round(&*store, &carrier, after).await
             && asked == PER_ROUND as usize
+            && carrier.is_bound()
             && !stop.is_cancelled()
         {}
     }
