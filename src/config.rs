@@ -348,6 +348,26 @@ pub struct CarrierConfig {
     /// given up and listed as unmatched.
     #[serde(default = "default_unmatched_after", with = "humantime_serde")]
     pub unmatched_after: Duration,
+    /// No PDU at all from the SMSC for this long: the link is dropped and bound again.
+    #[serde(default = "default_inactivity_timeout", with = "humantime_serde")]
+    pub inactivity_timeout: Duration,
+    /// SMPP version to bind with: "3.4" (default) or "5.0".
+    #[serde(default)]
+    pub interface_version: SmppVersion,
+    /// One transceiver per bind slot, or a transmitter + receiver pair.
+    #[serde(default)]
+    pub bind_type: BindType,
+    /// TLS towards the SMSC; absent means plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Segments the carrier takes per minute, hour and day (UTC clock windows); a used-up quota
+    /// holds messages in the queue until its window ends.
+    #[serde(default)]
+    pub quota_per_minute: Option<u64>,
+    #[serde(default)]
+    pub quota_per_hour: Option<u64>,
+    #[serde(default)]
+    pub quota_per_day: Option<u64>,
 }
 
 /// How a carrier is told a message's validity in `validity_period` of submit_sm.
@@ -434,6 +454,43 @@ pub enum Multipart {
     Payload,
 }
 
+/// The SMPP version a carrier binds with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SmppVersion {
+    #[default]
+    #[serde(rename = "3.4")]
+    V34,
+    #[serde(rename = "5.0")]
+    V50,
+}
+
+/// How a bind slot connects: one transceiver, or a transmitter for submits and a receiver for
+/// receipts and inbound SMS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindType {
+    #[default]
+    Transceiver,
+    Pair,
+}
+
+/// TLS towards one carrier (rustls).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificates to trust; absent means the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name the SMSC's certificate must carry; absent means the host of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM certificate chain and private key, when the carrier wants a client certificate.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
 fn default_system_id() -> String {
     "smsgw".into()
 }
@@ -472,6 +529,9 @@ fn default_drain_timeout() -> Duration {
 pub const MAX_UNMATCHED_AFTER: Duration = Duration::from_secs(24 * 3600);
 fn default_unmatched_after() -> Duration {
     MAX_UNMATCHED_AFTER
+}
+fn default_inactivity_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Delays between attempts, written `["5s", "30s", "2m"]`; the last delay repeats.
@@ -782,6 +842,31 @@ impl Config {
             if c.unmatched_after < Duration::from_secs(1) || c.unmatched_after > MAX_UNMATCHED_AFTER
             {
                 problems.push(format!("{key}.unmatched_after: must be between 1s and 24h"));
+            }
+            if c.inactivity_timeout <= c.enquire_link_interval {
+                problems.push(format!(
+                    "{key}.inactivity_timeout: must be longer than enquire_link_interval (each enquire_link proves the link alive)"
+                ));
+            }
+            for (name, quota) in [
+                ("quota_per_minute", c.quota_per_minute),
+                ("quota_per_hour", c.quota_per_hour),
+                ("quota_per_day", c.quota_per_day),
+            ] {
+                if quota == Some(0) {
+                    problems.push(format!("{key}.{name}: must be at least 1 when set"));
+                }
+            }
+            match (&c.tls, &c.address) {
+                (Some(tls), Some(address)) => problems.extend(
+                    crate::smpp::tls::check(tls, address)
+                        .into_iter()
+                        .map(|p| format!("{key}.tls.{p}")),
+                ),
+                (Some(_), None) => problems.push(format!(
+                    "{key}.tls: only for a carrier with an `address` (the built-in simulator speaks plain TCP)"
+                )),
+                _ => {}
             }
             for (j, trigger) in c.failover_on.iter().enumerate() {
                 if crate::router::FailoverTrigger::parse(trigger).is_none() {

@@ -22,7 +22,8 @@ use crate::store::{AcceptedPart, AttemptResult, Claimed, Next, Store};
 
 /// How long a message waits when no carrier of its route can take it.
 const NO_CARRIER_DELAY_MS: i64 = 2_000;
-/// How long a throttled message waits; the link itself also pauses.
+/// How long a throttled message waits when its bind could not resend it in time; the link
+/// itself slows down too (`smpp::flow`).
 const THROTTLED_DELAY_MS: i64 = 1_000;
 /// Longest idle sleep: the store is asked again at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(5);

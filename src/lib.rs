@@ -59,6 +59,11 @@ pub enum RunError {
     },
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("carrier `{carrier}`: tls.{source}")]
+    CarrierTls {
+        carrier: String,
+        source: smpp::tls::TlsError,
+    },
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then stops in order: the HTTP API stops
@@ -128,13 +133,12 @@ pub async fn run_with_reloads(
             (None, None) => continue,
         };
         let deliver = receipt::handler(store.clone(), carrier, live.clone(), unmatched.clone());
-        let started = Arc::new(Carrier::start(
-            carrier.clone(),
-            address,
-            deliver,
-            &binds,
-            shutdown.clone(),
-        ));
+        let started = Carrier::start(carrier.clone(), address, deliver, &binds, shutdown.clone())
+            .map_err(|source| RunError::CarrierTls {
+            carrier: carrier.name.clone(),
+            source,
+        })?;
+        let started = Arc::new(started);
         start_receipt_upkeep(&store, &started, &unmatched, &shutdown);
         carriers.push(started);
     }

@@ -44,6 +44,12 @@ enum Command {
         /// A TOML file of simulator settings (the keys of `[carriers.simulator]`).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve SMPP over TLS with this PEM certificate chain (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Make a new API key and the hash to put in an account's `api_keys`.
     ApiKey,
@@ -230,11 +236,22 @@ enum NumberChangeAction {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider for every TLS user (SMPP, webhooks), chosen here and not by whichever
+    // dependency asks first (CRATES.md §1). Fails only if one is installed already.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckConfig { path } => check_config(&path),
-        Command::Sim { listen, config } => sim(listen, config.as_deref()),
+        Command::Sim {
+            listen,
+            config,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert.zip(tls_key);
+            sim(listen, config.as_deref(), tls)
+        }
         Command::Purge { config, dry_run } => {
             admin(&config, |admin| async move { admin.purge(dry_run).await })
         }
@@ -434,7 +451,11 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sim(listen: SocketAddr, path: Option<&Path>) -> anyhow::Result<()> {
+fn sim(
+    listen: SocketAddr,
+    path: Option<&Path>,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
     let config: smsgw::sim::SimConfig = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -449,6 +470,10 @@ fn sim(listen: SocketAddr, path: Option<&Path>) -> anyhow::Result<()> {
         "invalid simulator settings: {}",
         problems.join("; ")
     );
+    let acceptor = match &tls {
+        Some((cert, key)) => Some(smsgw::sim::tls_acceptor(cert, key)?),
+        None => None,
+    };
     init_logging(&LoggingConfig::default());
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
@@ -456,7 +481,10 @@ fn sim(listen: SocketAddr, path: Option<&Path>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let shutdown = CancellationToken::new();
-        let handle = smsgw::sim::start(listener, config, shutdown.clone());
+        let handle = match acceptor {
+            Some(acceptor) => smsgw::sim::start_tls(listener, config, acceptor, shutdown.clone()),
+            None => smsgw::sim::start(listener, config, shutdown.clone()),
+        };
         tracing::info!(address = %handle.local_addr(), "simulated SMSC listening");
         stop_on_signal(shutdown).await;
         Ok(())

@@ -107,6 +107,12 @@ pub fn reconnect(carrier: &str, reason: &'static str) {
         .increment(1);
 }
 
+/// The link's effective rate in segments per second: the configured rate (every bind's
+/// together), lowered while the carrier throttles or reports congestion.
+pub fn link_rate(carrier: &str, per_second: f64) {
+    gauge!("smsgw_link_rate_effective", "carrier" => carrier.to_owned()).set(per_second);
+}
+
 pub fn throttled(carrier: &str) {
     counter!("smsgw_throttled_total", "carrier" => carrier.to_owned()).increment(1);
 }

@@ -44,6 +44,13 @@ pub struct SimConfig {
     /// `false`: receipts carry only the Appendix-B text, no receipted_message_id and
     /// message_state TLVs (as many 3.4 SMSCs send them).
     pub receipt_tlvs: bool,
+    /// SMPP 5.0 flow control: every submit_sm_resp to a session bound with interface_version
+    /// 5.0 carries the `congestion_state` TLV with this value (0 idle … 80–89 optimum, 90–99
+    /// nearing congestion, 100 congested; DOMAIN.md §1.6). `None` sends none.
+    pub congestion_state: Option<u8>,
+    /// A hung SMSC: binds are answered, then nothing is (no responses, no enquire_link_resp),
+    /// while deliver_sm already queued still go out. For inactivity and response timeouts.
+    pub silent: bool,
 }
 
 /// How the simulator writes a message id (a 64-bit counter).
@@ -107,6 +114,8 @@ impl std::fmt::Debug for SimConfig {
             .field("response_ids", &self.response_ids)
             .field("receipt_ids", &self.receipt_ids)
             .field("receipt_tlvs", &self.receipt_tlvs)
+            .field("congestion_state", &self.congestion_state)
+            .field("silent", &self.silent)
             .finish()
     }
 }
@@ -125,6 +134,8 @@ impl Default for SimConfig {
             response_ids: IdFormat::Decimal,
             receipt_ids: ReceiptIds::Same,
             receipt_tlvs: true,
+            congestion_state: None,
+            silent: false,
         }
     }
 }
@@ -156,6 +167,9 @@ impl SimConfig {
             if !(0.0..=1.0).contains(&ratio) {
                 problems.push(format!("{key}: must be between 0 and 1, got {ratio}"));
             }
+        }
+        if self.congestion_state.is_some_and(|state| state > 100) {
+            problems.push("congestion_state: must be between 0 and 100".into());
         }
         problems
     }

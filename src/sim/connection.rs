@@ -25,7 +25,10 @@ use rusmpp::{
     values::{InterfaceVersion, MessageState},
 };
 use time::OffsetDateTime;
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::mpsc,
+};
 use tokio_util::{codec::Framed, sync::CancellationToken};
 
 use super::{
@@ -39,6 +42,10 @@ const OUTBOUND_CAPACITY: usize = 4096;
 const BATCH: usize = 256;
 /// Highest sequence number; ours wrap back to 1 after it (SMPP 3.4 §5.1.4).
 const MAX_SEQUENCE: u32 = 0x7FFF_FFFF;
+
+/// The byte stream of one connection: plain TCP or TLS.
+pub(super) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 /// How a bind asked to use the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +62,15 @@ impl BindKind {
 
     fn can_receive(self) -> bool {
         matches!(self, BindKind::Receiver | BindKind::Transceiver)
+    }
+
+    /// The counter of sessions bound this way.
+    fn counter(self, counters: &super::Counters) -> &std::sync::atomic::AtomicUsize {
+        match self {
+            BindKind::Transmitter => &counters.bound_tx,
+            BindKind::Receiver => &counters.bound_rx,
+            BindKind::Transceiver => &counters.bound_trx,
+        }
     }
 
     fn response(self, system_id: COctetString<1, 16>, version: Option<InterfaceVersion>) -> Pdu {
@@ -93,14 +109,11 @@ enum Event {
 /// the simulator shuts down.
 pub(super) async fn serve(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
-    if let Err(err) = stream.set_nodelay(true) {
-        tracing::debug!(connection = id, %err, "simulated carrier: TCP_NODELAY failed");
-    }
     let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let link = CancellationToken::new();
     shared.register(id, outbound_tx.clone(), link.clone());
@@ -116,14 +129,17 @@ pub(super) async fn serve(
         outbound_rx,
         bind: None,
         next_sequence: 1,
+        v50: false,
         config,
         config_generation,
     };
     let end = session.run(&shutdown, &link).await;
 
     shared.unregister(id);
-    if session.bind.take().is_some() {
+    if let Some(kind) = session.bind.take() {
         shared.counters.bound.fetch_sub(1, Ordering::Relaxed);
+        kind.counter(&shared.counters)
+            .fetch_sub(1, Ordering::Relaxed);
     }
     // Receipts and MOs queued here but never written go to the next receiver that binds.
     session.outbound_rx.close();
@@ -146,13 +162,15 @@ struct Session {
     id: u64,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    framed: Framed<TcpStream, CommandCodec>,
+    framed: Framed<Box<dyn Stream>, CommandCodec>,
     /// Our own queue's sender, handed to receipt timers when this session can receive.
     outbound_tx: mpsc::Sender<DeliverSm>,
     outbound_rx: mpsc::Receiver<DeliverSm>,
     bind: Option<BindKind>,
     /// Sequence number of the next PDU this side originates.
     next_sequence: u32,
+    /// Bound with interface_version 5.0: may be sent 5.0 TLVs such as congestion_state.
+    v50: bool,
     config: Arc<SimConfig>,
     config_generation: u64,
 }
@@ -213,6 +231,10 @@ impl Session {
     async fn on_command(&mut self, command: Command) -> Result<Flow, EncodeError> {
         let (id, status, sequence, pdu) = command.into_parts().raw();
         tracing::debug!(connection = self.id, command = ?id, ?status, sequence, "simulated carrier received");
+        if self.bind.is_some() && self.silent() {
+            // A hung SMSC: reads everything, answers nothing.
+            return Ok(Flow::Continue);
+        }
         match pdu {
             Some(Pdu::BindTransmitter(bind)) => {
                 self.on_bind(
@@ -256,6 +278,8 @@ impl Session {
                     .await?;
                 if let Some(kind) = self.bind.take() {
                     self.shared.counters.bound.fetch_sub(1, Ordering::Relaxed);
+                    kind.counter(&self.shared.counters)
+                        .fetch_sub(1, Ordering::Relaxed);
                     tracing::info!(connection = self.id, peer = %self.peer, ?kind, "simulated carrier: ESME unbound");
                 }
                 Ok(Flow::Close(End::Unbound))
@@ -310,11 +334,24 @@ impl Session {
         }
         self.bind = Some(kind);
         self.shared.counters.bound.fetch_add(1, Ordering::Relaxed);
+        kind.counter(&self.shared.counters)
+            .fetch_add(1, Ordering::Relaxed);
+        self.v50 = u8::from(interface_version) >= 0x50;
+        if self.v50 {
+            self.shared
+                .counters
+                .binds_v50
+                .fetch_add(1, Ordering::Relaxed);
+        }
         tracing::info!(connection = self.id, peer = %self.peer, ?kind, system_id = system_id.as_str(),
-            "simulated carrier bound an ESME");
+            version = u8::from(interface_version), "simulated carrier bound an ESME");
         // A pre-3.4 ESME must not receive TLVs (SMPP 3.4 §3.4), so only 3.4+ gets
-        // sc_interface_version.
-        let version = (u8::from(interface_version) >= 0x34).then_some(InterfaceVersion::Smpp3_4);
+        // sc_interface_version: the highest version both sides speak.
+        let version = match u8::from(interface_version) {
+            0x50.. => Some(InterfaceVersion::Smpp5_0),
+            0x34.. => Some(InterfaceVersion::Smpp3_4),
+            _ => None,
+        };
         let our_id =
             COctetString::from_str(&self.config.system_id).unwrap_or_else(|_| COctetString::null());
         self.respond(
@@ -405,11 +442,16 @@ impl Session {
             sar: sar_tlvs(&submit),
         };
         self.shared.record_submitted(record);
-        let response = SubmitSmResp::builder()
+        let mut response = SubmitSmResp::builder()
             .message_id(
                 COctetString::from_str(&message_id).unwrap_or_else(|_| COctetString::null()),
             )
             .build();
+        if self.v50
+            && let Some(state) = config.congestion_state
+        {
+            response.push_tlv(congestion_state(state));
+        }
 
         if !(config.receipts && outcome.requested_by(registered_delivery)) {
             self.respond(CommandStatus::EsmeRok, sequence, response)
@@ -500,6 +542,12 @@ impl Session {
         Ok(Flow::Continue)
     }
 
+    /// Set to answer nothing after the bind (`SimConfig::silent`).
+    fn silent(&mut self) -> bool {
+        self.refresh_config();
+        self.config.silent
+    }
+
     /// Picks up a config replaced by `SimHandle::set_config` (one atomic load when unchanged).
     fn refresh_config(&mut self) {
         if self.shared.config_generation.load(Ordering::Acquire) != self.config_generation {
@@ -554,6 +602,15 @@ fn sar_tlvs(submit: &SubmitSm) -> Option<(u16, u8, u8)> {
         }
     }
     Some((reference?, total?, seqnum?))
+}
+
+/// The SMPP 5.0 congestion_state TLV (0x0428, one octet). rusmpp 0.4 lists it for no response
+/// PDU, so it goes as a raw TLV with its tag.
+fn congestion_state(state: u8) -> rusmpp::tlvs::MessageSubmissionResponseTlvValue {
+    rusmpp::tlvs::MessageSubmissionResponseTlvValue::Other {
+        tag: rusmpp::tlvs::TlvTag::CongestionState,
+        value: rusmpp::types::AnyOctetString::from_vec(vec![state]),
+    }
 }
 
 /// The message bytes of a submit_sm: `short_message`, or the message_payload TLV when

@@ -30,8 +30,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::path::Path;
+
 use rusmpp::pdus::DeliverSm;
-use tokio::{net::TcpListener, sync::mpsc};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{IdFormat, ReceiptIds, SimConfig};
@@ -86,18 +94,81 @@ pub enum SimError {
 /// once. Must be called inside a tokio runtime. Cancelling `shutdown` stops the acceptor and closes
 /// every connection (without unbind).
 pub fn start(listener: TcpListener, config: SimConfig, shutdown: CancellationToken) -> SimHandle {
+    start_serving(listener, config, None, shutdown)
+}
+
+/// [`start`], with SMPP over TLS: every connection starts with a TLS handshake (see
+/// [`tls_acceptor`]). A failed handshake is counted in [`SimHandle::connections`] and closed.
+pub fn start_tls(
+    listener: TcpListener,
+    config: SimConfig,
+    acceptor: TlsAcceptor,
+    shutdown: CancellationToken,
+) -> SimHandle {
+    start_serving(listener, config, Some(acceptor), shutdown)
+}
+
+fn start_serving(
+    listener: TcpListener,
+    config: SimConfig,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> SimHandle {
     let local_addr = listener.local_addr().unwrap_or_else(|err| {
         tracing::warn!(%err, "simulated carrier: listener has no local address");
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
     });
     let first_id = rand::random_range(FIRST_ID_RANGE);
     let shared = Arc::new(Shared::new(local_addr, config, first_id));
-    tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown));
+    tokio::spawn(accept_loop(listener, Arc::clone(&shared), tls, shutdown));
     tracing::info!(%local_addr, "simulated carrier listening");
     SimHandle { shared }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// The simulator's TLS side from a PEM certificate chain and its PEM private key.
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, SimTlsError> {
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| SimTlsError(format!("{}: {e}", cert_file.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| SimTlsError(format!("{}: {e}", key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| SimTlsError(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The simulator's certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("simulator TLS: {0}")]
+pub struct SimTlsError(String);
+
+/// Runs the TLS handshake of one accepted connection, then serves it; off the acceptor, so a
+/// slow or failing handshake holds up no one else.
+async fn serve_tls(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    match acceptor.accept(stream).await {
+        Ok(tls) => connection::serve(shared, Box::new(tls), peer, shutdown).await,
+        Err(err) => {
+            shared.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, %err, "simulated carrier: TLS handshake failed");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -105,12 +176,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cance
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(connection::serve(
-                    Arc::clone(&shared),
-                    stream,
-                    peer,
-                    shutdown.child_token(),
-                ));
+                shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+                let shared = Arc::clone(&shared);
+                let shutdown = shutdown.child_token();
+                match &tls {
+                    Some(acceptor) => {
+                        tokio::spawn(serve_tls(shared, acceptor.clone(), stream, peer, shutdown));
+                    }
+                    None => {
+                        if let Err(err) = stream.set_nodelay(true) {
+                            tracing::debug!(%err, "simulated carrier: TCP_NODELAY failed");
+                        }
+                        tokio::spawn(connection::serve(shared, Box::new(stream), peer, shutdown));
+                    }
+                }
             }
             Err(err) => {
                 // Typically EMFILE: back off a little instead of spinning. This is the acceptor,
@@ -170,6 +249,31 @@ impl SimHandle {
     /// How many bind PDUs arrived, accepted or refused.
     pub fn bind_attempts(&self) -> usize {
         self.shared.counters.bind_attempts.load(Ordering::Relaxed)
+    }
+
+    /// How many TCP connections were accepted (before any TLS handshake or bind).
+    pub fn connections(&self) -> usize {
+        self.shared.counters.connections.load(Ordering::Relaxed)
+    }
+
+    /// How many TLS handshakes failed (a client that does not trust our certificate).
+    pub fn tls_failures(&self) -> usize {
+        self.shared.counters.tls_failures.load(Ordering::Relaxed)
+    }
+
+    /// How many sessions are bound right now, by kind: (transmitters, receivers, transceivers).
+    pub fn bound_by_kind(&self) -> (usize, usize, usize) {
+        let c = &self.shared.counters;
+        (
+            c.bound_tx.load(Ordering::Relaxed),
+            c.bound_rx.load(Ordering::Relaxed),
+            c.bound_trx.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How many binds asked for SMPP 5.0 (interface_version 0x50).
+    pub fn binds_v50(&self) -> usize {
+        self.shared.counters.binds_v50.load(Ordering::Relaxed)
     }
 
     /// How many deliver_sm (receipts and MOs) were written to a socket.
@@ -254,7 +358,13 @@ struct Counters {
     submitted: AtomicUsize,
     throttled: AtomicUsize,
     bound: AtomicUsize,
+    bound_tx: AtomicUsize,
+    bound_rx: AtomicUsize,
+    bound_trx: AtomicUsize,
+    binds_v50: AtomicUsize,
     bind_attempts: AtomicUsize,
+    connections: AtomicUsize,
+    tls_failures: AtomicUsize,
     deliver_sent: AtomicUsize,
     deliver_resps: AtomicUsize,
     queries: AtomicUsize,

@@ -2,10 +2,12 @@
 //! (`session`) that keeps its window full within its rate.
 
 pub mod codec;
+pub mod flow;
 pub mod multipart;
 pub mod query;
 pub mod session;
 pub mod status;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,9 +21,11 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{CarrierConfig, ValidityPeriod};
+use crate::config::{BindType, CarrierConfig, ValidityPeriod};
+use flow::{LinkFlow, Quotas, unix_now};
 pub use multipart::submit_pdus;
-pub use session::{CarrierHealth, DeliverHandler, SubmitJob, SubmitOutcome};
+pub use session::{CarrierHealth, DeliverHandler, Role, SubmitJob, SubmitOutcome};
+use tls::{Tls, TlsError};
 
 /// The limits of each bind that a reload may change while it stays bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,8 @@ pub struct Carrier {
     normal: mpsc::Sender<SubmitJob>,
     limits: watch::Sender<Limits>,
     pub health: Arc<CarrierHealth>,
+    /// The link's effective rate and quotas.
+    pub flow: Arc<LinkFlow>,
     /// How long a segment may wait for a bind to take it.
     queue_wait: Duration,
     /// After which an answer can no longer come: taken, written, timed out, and drained.
@@ -87,14 +93,19 @@ pub struct Carrier {
 }
 
 impl Carrier {
-    /// Starts the carrier's binds on `tracker`; they run until `shutdown`.
+    /// Starts the carrier's binds on `tracker`; they run until `shutdown`. Fails only if the
+    /// carrier's TLS files cannot be loaded.
     pub fn start(
         config: CarrierConfig,
         address: String,
         deliver: DeliverHandler,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
-    ) -> Carrier {
+    ) -> Result<Carrier, TlsError> {
+        let tls = match &config.tls {
+            Some(tls) => Some(Tls::new(tls, &address)?),
+            None => None,
+        };
         let config = Arc::new(config);
         // Enough queued to refill every window at once, and no more: the rest waits in the store.
         let (normal, normal_rx) = mpsc::channel(config.binds * config.window);
@@ -104,43 +115,65 @@ impl Carrier {
         });
         let (limits, limits_rx) = watch::channel(Limits::of(&config));
         let health = Arc::new(CarrierHealth::default());
+        let quotas = Quotas::new(
+            config.quota_per_minute,
+            config.quota_per_hour,
+            config.quota_per_day,
+        );
+        // The link's rate is every bind's together.
+        let link_rate = config.rate_per_second.saturating_mul(config.binds as u32);
+        let flow = Arc::new(LinkFlow::new(link_rate, quotas));
         // Series exist from the start, so "no bind ever came up" is visible too.
         crate::metrics::binds_up(&config.name, 0);
         crate::metrics::bind_credentials_refused(&config.name, false);
         crate::metrics::rate_per_second(&config.name, config.rate_per_second);
+        crate::metrics::link_rate(&config.name, flow.effective_rate());
+        let roles: &[Role] = match config.bind_type {
+            BindType::Transceiver => &[Role::Transceiver],
+            BindType::Pair => &[Role::Transmitter, Role::Receiver],
+        };
         for index in 0..config.binds {
-            tracker.spawn(session::run(session::Bind {
-                carrier: config.clone(),
-                address: address.clone(),
-                index,
-                jobs: jobs.clone(),
-                limits: limits_rx.clone(),
-                deliver: deliver.clone(),
-                health: health.clone(),
-                shutdown: shutdown.clone(),
-            }));
+            for &role in roles {
+                tracker.spawn(session::run(session::Bind {
+                    carrier: config.clone(),
+                    address: address.clone(),
+                    index,
+                    role,
+                    tls: tls.clone(),
+                    jobs: jobs.clone(),
+                    limits: limits_rx.clone(),
+                    deliver: deliver.clone(),
+                    health: health.clone(),
+                    flow: flow.clone(),
+                    shutdown: shutdown.clone(),
+                }));
+            }
         }
-        Carrier {
+        Ok(Carrier {
             name: config.name.clone(),
             config: config.clone(),
             high,
             normal,
             limits,
             health,
+            flow,
             queue_wait: config.response_timeout,
             answer_limit: config.response_timeout * 2
                 + config.drain_timeout
                 + Duration::from_secs(5),
-        }
+        })
     }
 
     pub fn is_bound(&self) -> bool {
         self.health.bound.load(Ordering::SeqCst) > 0
     }
 
-    /// Bound and not paused: the router may send it messages.
+    /// Bound, not paused, and within its quotas: the router may send it messages. A carrier
+    /// whose quota is used up leaves its messages waiting in the store.
     pub fn is_usable(&self) -> bool {
-        self.is_bound() && !self.health.paused.load(Ordering::SeqCst)
+        self.is_bound()
+            && !self.health.paused.load(Ordering::SeqCst)
+            && !self.flow.quota_exhausted(unix_now())
     }
 
     /// The configuration it started with; [`Carrier::limits`] has the rate and window in force.
@@ -155,6 +188,10 @@ impl Carrier {
     /// Changes every bind's rate and window at once; the binds stay up.
     pub fn set_limits(&self, limits: Limits) {
         crate::metrics::rate_per_second(&self.name, limits.rate_per_second);
+        let link_rate = limits
+            .rate_per_second
+            .saturating_mul(self.config.binds as u32);
+        self.flow.set_configured_rate(link_rate);
         self.limits.send_if_modified(|current| {
             let changed = *current != limits;
             *current = limits;
@@ -171,10 +208,12 @@ impl Carrier {
     /// Sends one request (submit_sm, query_sm) on a bind, within the bounds of `submit`.
     async fn send(&self, pdu: Pdu, high: bool) -> SubmitOutcome {
         let (reply, outcome) = oneshot::channel();
+        let now = Instant::now();
         let job = SubmitJob {
             pdu,
             reply,
-            not_after: Instant::now() + self.queue_wait,
+            not_after: now + self.queue_wait,
+            answer_by: now + self.queue_wait + self.answer_limit,
         };
         let lane = if high { &self.high } else { &self.normal };
         match timeout(self.queue_wait, lane.send(job)).await {
