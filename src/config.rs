@@ -1123,6 +1123,45 @@ mod tests {
     }
 
     #[test]
+    fn link_keys_are_checked_by_name() {
+        let text = r#"
+            [privacy]
+            pseudonym_key = "0123456789abcdef0123"
+            [[carriers]]
+            name = "a"
+            address = "smsc.example.net:3550"
+            enquire_link_interval = "30s"
+            inactivity_timeout = "10s"
+            quota_per_hour = 0
+            tls = { ca_file = "/nonexistent/ca.pem" }
+            [[carriers]]
+            name = "b"
+            simulator = {}
+            tls = {}
+        "#;
+        let err = parse(text).unwrap_err().to_string();
+        for key in [
+            "carriers[0].inactivity_timeout",
+            "carriers[0].quota_per_hour",
+            "carriers[0].tls.ca_file",
+            "carriers[1].tls",
+        ] {
+            assert!(err.contains(key), "missing {key} in {err}");
+        }
+        let bad_version = format!("{MINIMAL}interface_version = \"4.0\"\n");
+        let err = parse(&bad_version).unwrap_err().to_string();
+        assert!(err.contains("interface_version"), "{err}");
+        let good = format!("{MINIMAL}interface_version = \"5.0\"\nbind_type = \"pair\"\n");
+        let config = parse(&good).unwrap();
+        assert_eq!(config.carriers[0].interface_version, SmppVersion::V50);
+        assert_eq!(config.carriers[0].bind_type, BindType::Pair);
+        assert_eq!(
+            config.carriers[0].inactivity_timeout,
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
     fn api_key_hashes_are_checked() {
         let text = format!("{MINIMAL}\n[[accounts]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n");
         let err = parse(&text).unwrap_err().to_string();

@@ -211,15 +211,17 @@ mod tests {
             password: "toolongpassword".into(),
             reject_ratio: 1.5,
             undeliverable_ratio: f64::NAN,
+            congestion_state: Some(101),
             ..SimConfig::default()
         };
         let problems = config.validate();
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
         for key in [
             "system_id:",
             "password:",
             "reject_ratio:",
             "undeliverable_ratio:",
+            "congestion_state:",
         ] {
             assert!(
                 problems.iter().any(|p| p.starts_with(key)),
