@@ -201,7 +201,7 @@ async fn smpp_5_0_binds_and_a_congested_smsc_slows_the_link() {
         congestion_state: Some(10),
         ..sim_config()
     });
-    let batch = (0..60)
+    let batch = (0..150)
         .map(|i| message(&format!("+4670123{i:04}"), "again"))
         .collect();
     for id in post_batch(&gateway, batch).await {
@@ -280,7 +280,7 @@ async fn a_throttling_storm_keeps_each_recipients_order_and_loses_nothing() {
 
     // The storm is over: the rate climbs back to the configured one as submits succeed.
     smsc.handle.set_config(sim_config());
-    let batch = (0..60)
+    let batch = (0..150)
         .map(|i| message(&format!("+4670200{i:04}"), "after"))
         .collect();
     for id in post_batch(&gateway, batch).await {
@@ -291,6 +291,10 @@ async fn a_throttling_storm_keeps_each_recipients_order_and_loses_nothing() {
     })
     .await;
     assert!(lowest < recovered);
+    eprintln!(
+        "storm: {} throttled answers, effective rate seen at {lowest}/s, back to {recovered}/s",
+        smsc.handle.throttled_count()
+    );
 }
 
 #[tokio::test]

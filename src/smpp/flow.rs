@@ -4,8 +4,8 @@
 //!
 //! The effective rate follows AIMD: a throttling answer (ESME_RTHROTTLED, ESME_RMSGQFUL) or an
 //! SMSC saying it is nearing congestion (the SMPP 5.0 `congestion_state` TLV, DOMAIN.md §1.6)
-//! halves it; every accepted submit adds back a fiftieth of the configured rate, so the link
-//! climbs back to full speed after about fifty successes. A burst of throttling answers to one
+//! halves it; every accepted submit adds back a hundredth of the configured rate, so the link
+//! climbs back to full speed after about a hundred successes. A burst of throttling answers to one
 //! window of submits halves the rate once, not once per answer.
 
 use std::sync::{Mutex, PoisonError};
@@ -18,9 +18,9 @@ use tokio::time::Instant;
 const FLOOR: f64 = 1.0;
 /// After a decrease, further throttling answers within this time are the same event (the rest
 /// of the window that was in flight) and do not decrease again.
-const DECREASE_HOLD: Duration = Duration::from_millis(500);
+const DECREASE_HOLD: Duration = Duration::from_millis(250);
 /// Share of the configured rate one accepted submit adds back.
-const INCREASE_SHARE: f64 = 0.02;
+const INCREASE_SHARE: f64 = 0.01;
 /// `congestion_state` from which the SMSC asks us to slow down (90–99 "nearing congestion",
 /// 100 "congested"); 80–89 is where a sender should keep it, so there the rate holds.
 const CONGESTED_FROM: u8 = 90;
@@ -275,7 +275,7 @@ mod tests {
         assert!(!aimd.is_reduced());
         aimd.on_throttled(t0);
         for _ in 0..9 {
-            aimd.on_throttled(t0 + Duration::from_millis(100));
+            aimd.on_throttled(t0 + Duration::from_millis(50));
         }
         assert_eq!(
             aimd.effective(),
@@ -303,7 +303,7 @@ mod tests {
         let mut aimd = Aimd::new(100);
         aimd.on_throttled(t0);
         aimd.on_accepted(None, t0);
-        assert_eq!(aimd.effective(), 52.0);
+        assert_eq!(aimd.effective(), 51.0);
         for _ in 0..100 {
             aimd.on_accepted(None, t0);
         }
@@ -322,11 +322,11 @@ mod tests {
         aimd.on_accepted(Some(40), t0 + DECREASE_HOLD);
         assert_eq!(
             aimd.effective(),
-            52.0,
+            51.0,
             "a lightly loaded SMSC lets it climb"
         );
         aimd.on_congestion(100, t0 + DECREASE_HOLD * 2);
-        assert_eq!(aimd.effective(), 26.0);
+        assert_eq!(aimd.effective(), 25.5);
     }
 
     #[test]

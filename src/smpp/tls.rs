@@ -173,6 +173,30 @@ mod tests {
         );
     }
 
+    fn test_file(name: &str) -> Option<std::path::PathBuf> {
+        Some(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/tls")
+                .join(name),
+        )
+    }
+
+    #[test]
+    fn a_ca_file_and_a_client_certificate_load() {
+        let config = TlsConfig {
+            ca_file: test_file("ca.pem"),
+            client_cert: test_file("server.pem"),
+            client_key: test_file("server-key.pem"),
+            server_name: None,
+        };
+        assert!(check(&config, "localhost:3550").is_empty());
+        let key_is_no_cert = TlsConfig {
+            client_cert: test_file("server-key.pem"),
+            ..config
+        };
+        assert!(check(&key_is_no_cert, "localhost:3550")[0].starts_with("client_cert:"));
+    }
+
     #[test]
     fn bad_settings_name_their_key() {
         let missing = TlsConfig {
