@@ -220,7 +220,7 @@ pub async fn run(bind: Bind) {
                     _ => "bind_failed",
                 };
                 metrics::reconnect(&carrier.name, reason);
-                warn!(carrier = %carrier.name, bind = bind.index, role, error = %e, retry_in = ?backoff, "bind failed")
+                warn!(carrier = %carrier.name, bind = bind.index, role, error = %e, ?backoff, "bind failed")
             }
         }
         let delay = with_jitter(backoff);
