@@ -71,7 +71,7 @@ impl FailoverTrigger {
         Some(FailoverTrigger::Class(class))
     }
 
-    fn matches(self, status: u32) -> bool {
+    pub fn matches(self, status: u32) -> bool {
         match self {
             FailoverTrigger::Class(class) => classify(status) == class,
             FailoverTrigger::Code(code) => code == status,

@@ -44,6 +44,7 @@ use super::tls::{Tls, TlsError};
 use super::{JobQueue, Limits};
 use crate::config::{CarrierConfig, SmppVersion};
 use crate::metrics;
+use crate::router::FailoverTrigger;
 
 /// Largest PDU we accept from a carrier; a submit_sm or deliver_sm is well under 1 KiB.
 const MAX_PDU_LENGTH: usize = 4096;
@@ -691,12 +692,15 @@ impl<'a> Session<'a> {
         match outcome {
             SubmitOutcome::Accepted { .. } => self.bind.flow.on_accepted(congestion, now),
             SubmitOutcome::Rejected {
-                status: ESME_RTHROTTLED | ESME_RMSGQFUL,
+                status: status @ (ESME_RTHROTTLED | ESME_RMSGQFUL),
             } => {
                 metrics::throttled(carrier);
                 self.bind.flow.on_throttled(now);
                 let resend_by = now + self.bind.carrier.response_timeout + RESEND_MARGIN;
-                if self.draining.is_none() && resend_by < pending.taken.job.answer_by {
+                if self.draining.is_none()
+                    && resend_by < pending.taken.job.answer_by
+                    && !self.fails_over_on(status)
+                {
                     self.resend_first(pending.taken);
                     return;
                 }
@@ -704,6 +708,17 @@ impl<'a> Session<'a> {
             _ => {}
         }
         let _ = pending.taken.job.reply.send(outcome);
+    }
+
+    /// The carrier's `failover_on` lists this status: the dispatcher gets the refusal at once, to
+    /// try the route's next carrier, instead of this bind writing it again.
+    fn fails_over_on(&self, status: u32) -> bool {
+        self.bind
+            .carrier
+            .failover_on
+            .iter()
+            .filter_map(|trigger| FailoverTrigger::parse(trigger))
+            .any(|trigger| trigger.matches(status))
     }
 
     /// Queues a throttled job to be written again before anything taken after it, including the
