@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod multipart;
+pub mod ownership;
 pub mod query;
 pub mod session;
 pub mod status;
@@ -95,6 +96,19 @@ impl Carrier {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Carrier {
+        Carrier::start_owned(config, address, deliver, tracker, shutdown, None)
+    }
+
+    /// [`Carrier::start`]; with `owner`, each bind runs only while this instance holds it
+    /// (several instances sharing the carrier's binds).
+    pub fn start_owned(
+        config: CarrierConfig,
+        address: String,
+        deliver: DeliverHandler,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+        owner: Option<Arc<dyn ownership::LinkOwnership>>,
+    ) -> Carrier {
         let config = Arc::new(config);
         // Enough queued to refill every window at once, and no more: the rest waits in the store.
         let (normal, normal_rx) = mpsc::channel(config.binds * config.window);
@@ -104,12 +118,15 @@ impl Carrier {
         });
         let (limits, limits_rx) = watch::channel(Limits::of(&config));
         let health = Arc::new(CarrierHealth::default());
+        let name = config.name.clone();
         // Series exist from the start, so "no bind ever came up" is visible too.
         crate::metrics::binds_up(&config.name, 0);
         crate::metrics::bind_credentials_refused(&config.name, false);
         crate::metrics::rate_per_second(&config.name, config.rate_per_second);
         for index in 0..config.binds {
-            tracker.spawn(session::run(session::Bind {
+            let (config, address, rx) = (config.clone(), address.clone(), rx.clone());
+            let (deliver, health) = (deliver.clone(), health.clone());
+            let bind = move |shutdown| session::Bind {
                 carrier: config.clone(),
                 address: address.clone(),
                 index,
@@ -117,8 +134,18 @@ impl Carrier {
                 limits: limits_rx.clone(),
                 deliver: deliver.clone(),
                 health: health.clone(),
-                shutdown: shutdown.clone(),
-            }));
+                shutdown,
+            };
+            match &owner {
+                None => tracker.spawn(session::run(bind(shutdown.clone()))),
+                Some(owner) => tracker.spawn(ownership::run_owned(
+                    owner.clone(),
+                    name.clone(),
+                    index,
+                    shutdown.clone(),
+                    bind,
+                )),
+            };
         }
         Carrier {
             name: config.name.clone(),
