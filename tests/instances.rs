@@ -276,24 +276,30 @@ async fn two_daemons_share_the_queue_and_a_killed_ones_messages_are_sent_by_the_
         return;
     };
     let total = message_count();
-    let sims = [
-        Sim::start(sim_config()).await,
-        Sim::start(sim_config()).await,
-    ];
+    // The carriers are down while the first half is queued: then the daemon that holds the
+    // binds (the first started) sends a backlog, with many claims in flight when it is killed.
+    let addresses: Vec<SocketAddr> = (0..2)
+        .map(|_| {
+            let parked = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            parked.local_addr().unwrap()
+        })
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("smsgw.toml");
-    let addresses: Vec<SocketAddr> = sims.iter().map(Sim::address).collect();
     std::fs::write(&config, daemon_config(&db, &addresses)).unwrap();
     let (mut doomed, doomed_url) = start_daemon(&config);
     let (mut survivor, survivor_url) = start_daemon(&config);
 
-    // Half the messages through each daemon, then the one sending is killed mid-traffic.
     let half = total / 2;
     let (mut ids, second) = tokio::join!(
         submit_range(&doomed_url, 0..half / 2),
         submit_range(&survivor_url, half / 2..half)
     );
     ids.extend(second);
+    let mut sims = Vec::new();
+    for address in &addresses {
+        sims.push(Sim::start_on(*address, sim_config()).await);
+    }
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     eventually(Duration::from_secs(60), "traffic under way", || async {
         let submitted: usize = sims.iter().map(|s| s.handle.submitted_count()).sum();
@@ -310,6 +316,10 @@ async fn two_daemons_share_the_queue_and_a_killed_ones_messages_are_sent_by_the_
             .unwrap()
             .into_iter()
             .collect();
+    assert!(
+        !window.is_empty(),
+        "the daemon was killed with nothing in flight"
+    );
     ids.extend(submit_range(&survivor_url, half..total).await);
 
     let final_states = "('delivered', 'undelivered', 'expired', 'failed', 'unknown')";
