@@ -86,6 +86,7 @@ fn sent(id: MessageId, carrier_id: &str) -> AttemptResult {
             part: 1,
             carrier_message_id: carrier_id.into(),
         }],
+        note: None,
         next: Next::Sent,
     }
 }
@@ -245,6 +246,7 @@ async fn a_retry_is_claimed_again_when_due(store: &dyn Store) {
         id: ids[0],
         carrier: Some("sim".into()),
         accepted: vec![],
+        note: None,
         next: Next::Retry {
             at: now_ms() - 1,
             detail: "throttled".into(),
@@ -340,6 +342,7 @@ async fn unknown_subscriber_results_hold_the_number_until_cleared(store: &dyn St
             id: ids[0],
             carrier: Some("sim".into()),
             accepted: vec![],
+            note: None,
             next: Next::Finish {
                 status: Status::Failed,
                 detail: "unknown subscriber".into(),
@@ -377,6 +380,7 @@ async fn cancel_and_operator_retry(store: &dyn Store) {
         id: failed[0],
         carrier: Some("sim".into()),
         accepted: vec![],
+        note: None,
         next: Next::Finish {
             status: Status::Failed,
             detail: "rejected".into(),

@@ -124,8 +124,8 @@ impl Carrier {
         crate::metrics::bind_credentials_refused(&config.name, false);
         crate::metrics::rate_per_second(&config.name, config.rate_per_second);
         for index in 0..config.binds {
-            let (config, address, rx) = (config.clone(), address.clone(), rx.clone());
-            let (deliver, health) = (deliver.clone(), health.clone());
+            let (config, address, jobs) = (config.clone(), address.clone(), jobs.clone());
+            let (limits_rx, deliver, health) = (limits_rx.clone(), deliver.clone(), health.clone());
             let bind = move |shutdown| session::Bind {
                 carrier: config.clone(),
                 address: address.clone(),

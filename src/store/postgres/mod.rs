@@ -1166,7 +1166,8 @@ async fn claim(
                       ORDER BY priority DESC, due_at LIMIT $3
                       FOR UPDATE SKIP LOCKED)
          RETURNING id, account, recipient, sender, body, encoding, segments, attempts, expires_at,
-                   category, consent_at, service_messages, webhook_url, reference, policy_gen",
+                   category, priority, consent_at, service_messages, webhook_url, reference,
+                   policy_gen",
     )
     .bind(lease_until)
     .bind(now)
@@ -1209,6 +1210,11 @@ async fn claim(
             body: row
                 .try_get::<Option<String>, _>("body")?
                 .unwrap_or_default(),
+            category: row
+                .try_get::<String, _>("category")?
+                .parse()
+                .map_err(|()| StoreError::Corrupt(format!("message {id}: unknown category")))?,
+            priority: row.try_get::<i64, _>("priority")? as i32,
             encoding: parse_encoding(&row.try_get::<String, _>("encoding")?)?,
             segments: row.try_get::<i64, _>("segments")? as u32,
             attempt,
@@ -1264,6 +1270,12 @@ async fn record_attempt(
             error_code,
         } => (*status, Some(detail.as_str()), error_code.as_deref(), None),
     };
+    let noted = match (result.note.as_deref(), detail) {
+        (Some(note), Some(detail)) => Some(format!("{note}; {detail}")),
+        (Some(note), None) => Some(note.to_owned()),
+        (None, detail) => detail.map(str::to_owned),
+    };
+    let detail = noted.as_deref();
     // Only a message we hold the claim of moves: a cancel or a restart may have come first.
     let row = sqlx::query(
         "UPDATE messages SET status = $2, detail = $3, error_code = COALESCE($4, error_code),
