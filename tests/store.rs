@@ -455,6 +455,56 @@ async fn overdue_messages_expire_and_purge_counts(store: &dyn Store) {
     store.ping().await.unwrap();
 }
 
+async fn receipt_diagnosis_finds_known_ids_parked_receipts_and_parts_to_query(store: &dyn Store) {
+    let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
+    store.claim_due(10, lease()).await.unwrap();
+    store
+        .record_attempts(vec![sent(ids[0], "00AB")])
+        .await
+        .unwrap();
+    let known = store
+        .known_carrier_ids("sim", &["AB".into(), "CD".into()])
+        .await
+        .unwrap();
+    assert_eq!(known, vec!["AB".to_owned()], "ids are looked up normalised");
+    let parked = store
+        .apply_receipt("sim", receipt("dead", ReceiptState::Delivered))
+        .await
+        .unwrap();
+    assert_eq!(parked, ReceiptMatch::Parked);
+    let given_up = store
+        .take_unmatched_receipts("sim", now_ms() + 1)
+        .await
+        .unwrap();
+    assert_eq!(given_up.len(), 1);
+    assert_eq!(given_up[0].carrier_message_id, "DEAD");
+    assert!(
+        store
+            .take_unmatched_receipts("sim", now_ms() + 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let before_asking = now_ms();
+    let queries = store
+        .claim_receipt_queries("sim", now_ms() + 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(queries.len(), 1);
+    assert_eq!(queries[0].message_id, ids[0]);
+    assert_eq!(
+        queries[0].carrier_message_id, "00AB",
+        "as the carrier wrote it"
+    );
+    assert_eq!(queries[0].sender, "iP1");
+    let again = store
+        .claim_receipt_queries("sim", before_asking, 10)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "asked about once per period");
+}
+
 // ---- both backends ----
 
 macro_rules! conformance {
@@ -498,6 +548,7 @@ conformance!(
     cancel_and_operator_retry,
     inbound_stop_opts_out_and_erasure_keeps_the_suppression,
     overdue_messages_expire_and_purge_counts,
+    receipt_diagnosis_finds_known_ids_parked_receipts_and_parts_to_query,
 );
 
 // ---- two instances on one PostgreSQL database ----

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 mod link;
 mod policy;
+mod receipts;
 
 pub use link::PgLinkOwnership;
 
@@ -36,8 +37,9 @@ use super::*;
 use crate::message::{now_ms, rfc3339};
 use crate::receipt::{ReceiptState, normalize_id};
 
-/// How long an early receipt waits for its submit_sm_resp before it is dropped as unmatched.
-const EARLY_RECEIPT_TTL_MS: i64 = 24 * 3600 * 1000;
+/// A backstop: parked receipts older than this are dropped unseen. Each carrier's sweeper
+/// gives them up (and lists them) after its `unmatched_after`, at most 24 h, so an hour later.
+const EARLY_RECEIPT_TTL_MS: i64 = 25 * 3600 * 1000;
 /// How often the leases of the claims in flight are renewed, as a share of the lease.
 const RENEWALS_PER_LEASE: i64 = 3;
 /// How often one operation is tried alone when PostgreSQL reports a conflict between
@@ -162,6 +164,15 @@ enum Op {
         lease_until: i64,
     },
     WebhookResults(Vec<(i64, WebhookResult)>),
+    TakeUnmatched {
+        carrier: String,
+        received_before: i64,
+    },
+    ClaimQueries {
+        carrier: String,
+        accepted_before: i64,
+        limit: u32,
+    },
 }
 
 enum Reply {
@@ -173,6 +184,8 @@ enum Reply {
     Webhooks(Vec<WebhookJob>),
     Erased(Erasure),
     Purged(Purge),
+    Parked(Vec<ParkedReceipt>),
+    Queries(Vec<ReceiptQuery>),
     Done,
 }
 
@@ -358,6 +371,8 @@ fn unexpected(reply: Reply) -> StoreError {
         Reply::Webhooks(_) => "webhooks",
         Reply::Erased(_) => "erased",
         Reply::Purged(_) => "purged",
+        Reply::Parked(_) => "parked",
+        Reply::Queries(_) => "queries",
         Reply::Done => "done",
     };
     StoreError::Corrupt(format!("writer answered with an unexpected {kind} reply"))
@@ -618,6 +633,46 @@ impl Store for PostgresStore {
         };
         match self.call(op).await? {
             Reply::Receipt(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn known_carrier_ids(
+        &self,
+        carrier: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        receipts::known_carrier_ids(&self.readers, carrier, ids).await
+    }
+
+    async fn take_unmatched_receipts(
+        &self,
+        carrier: &str,
+        received_before: i64,
+    ) -> Result<Vec<ParkedReceipt>, StoreError> {
+        let op = Op::TakeUnmatched {
+            carrier: carrier.to_owned(),
+            received_before,
+        };
+        match self.call(op).await? {
+            Reply::Parked(parked) => Ok(parked),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn claim_receipt_queries(
+        &self,
+        carrier: &str,
+        accepted_before: i64,
+        limit: u32,
+    ) -> Result<Vec<ReceiptQuery>, StoreError> {
+        let op = Op::ClaimQueries {
+            carrier: carrier.to_owned(),
+            accepted_before,
+            limit,
+        };
+        match self.call(op).await? {
+            Reply::Queries(queries) => Ok(queries),
             other => Err(unexpected(other)),
         }
     }
@@ -940,6 +995,17 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
             webhook_results(tx, results).await?;
             Reply::Done
         }
+        Op::TakeUnmatched {
+            carrier,
+            received_before,
+        } => Reply::Parked(receipts::take_unmatched(tx, carrier, *received_before).await?),
+        Op::ClaimQueries {
+            carrier,
+            accepted_before,
+            limit,
+        } => Reply::Queries(
+            receipts::claim_queries(tx, carrier, *accepted_before, *limit, now).await?,
+        ),
     })
 }
 
@@ -1248,16 +1314,19 @@ async fn record_attempt(
     let carrier = result.carrier.as_deref().unwrap_or("");
     for part in &result.accepted {
         sqlx::query(
-            "INSERT INTO parts (message_id, part, carrier, carrier_message_id, state, updated_at)
-             VALUES ($1, $2, $3, $4, 'submitted', $5)
+            "INSERT INTO parts (message_id, part, carrier, carrier_message_id, state, updated_at,
+                 submitted_id)
+             VALUES ($1, $2, $3, $4, 'submitted', $5, $6)
              ON CONFLICT (message_id, part) DO UPDATE SET carrier = $3,
-                 carrier_message_id = $4, state = 'submitted', updated_at = $5",
+                 carrier_message_id = $4, state = 'submitted', updated_at = $5,
+                 submitted_id = $6, queried_at = NULL",
         )
         .bind(&id)
         .bind(part.part as i64)
         .bind(carrier)
         .bind(normalize_id(&part.carrier_message_id))
         .bind(now)
+        .bind(&part.carrier_message_id)
         .execute(&mut **tx)
         .await?;
     }
@@ -1451,7 +1520,10 @@ async fn apply_receipt(
         }
     }
     let row = sqlx::query(
-        "SELECT status, segments, account, webhook_url, reference, recipient
+        "SELECT status, segments, account, webhook_url, reference, recipient,
+             (SELECT COUNT(*) FROM parts WHERE message_id = $1) AS parts,
+             (SELECT COUNT(*) FROM parts WHERE message_id = $1 AND state = 'delivered')
+                 AS delivered
          FROM messages WHERE id = $1",
     )
     .bind(&id)
@@ -1461,14 +1533,19 @@ async fn apply_receipt(
         return Ok(ReceiptMatch::Matched);
     };
     let current = parse_status(&row.try_get::<String, _>("status")?)?;
-    let segments: i64 = row.try_get("segments")?;
     let target = target_from_row(&row)?;
-    let detail = receipt_detail(part_no, segments, receipt);
+    let parts = Parts {
+        segments: row.try_get("segments")?,
+        submitted: row.try_get("parts")?,
+        delivered: row.try_get("delivered")?,
+        all_submitted: current == Status::Sent,
+    };
+    let detail = receipt_detail(part_no, parts.submits(), receipt);
     let recipient: String = row.try_get("recipient")?;
     let next = if !receipt.state.is_final() || current.is_final() {
         None
     } else {
-        rolled_up_status(tx, &id, segments, receipt.state).await?
+        rolled_up_status(&parts, receipt.state)
     };
     if let Some(status) = next {
         carrier_feedback(tx, &recipient, receipt, status, now, wake).await?;
@@ -1534,28 +1611,40 @@ async fn carrier_feedback(
     }
 }
 
+/// What the parts of a multi-part message have reached.
+struct Parts {
+    /// SMS segments (the billing count).
+    segments: i64,
+    /// submit_sm recorded; fewer than `segments` when the carrier takes the whole text in one
+    /// message_payload.
+    submitted: i64,
+    delivered: i64,
+    /// Every submit_sm of the message was accepted (it is `sent`).
+    all_submitted: bool,
+}
+
+impl Parts {
+    /// How many submit_sm (and receipts) the message takes, as far as known.
+    fn submits(&self) -> i64 {
+        if self.all_submitted {
+            self.submitted
+        } else {
+            self.segments
+        }
+    }
+}
+
 /// The message status once a final receipt for one part is in: delivered when every part is,
 /// undelivered or expired as soon as one part is (DOMAIN.md §3.6).
-async fn rolled_up_status(
-    tx: &mut Tx<'_>,
-    id: &str,
-    segments: i64,
-    latest: ReceiptState,
-) -> Result<Option<Status>, StoreError> {
+fn rolled_up_status(parts: &Parts, latest: ReceiptState) -> Option<Status> {
     match latest {
-        // The part just delivered is the whole message.
-        ReceiptState::Delivered if segments <= 1 => Ok(Some(Status::Delivered)),
         ReceiptState::Delivered => {
-            let delivered: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM parts WHERE message_id = $1 AND state = 'delivered'",
-            )
-            .bind(id)
-            .fetch_one(&mut **tx)
-            .await?;
-            Ok((delivered >= segments).then_some(Status::Delivered))
+            let every_part = parts.delivered >= parts.segments
+                || (parts.all_submitted && parts.delivered >= parts.submitted);
+            every_part.then_some(Status::Delivered)
         }
-        ReceiptState::Expired => Ok(Some(Status::Expired)),
-        _ => Ok(Some(Status::Undelivered)),
+        ReceiptState::Expired => Some(Status::Expired),
+        _ => Some(Status::Undelivered),
     }
 }
 
