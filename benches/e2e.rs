@@ -48,6 +48,8 @@ struct Args {
     load_threads: usize,
     /// Where the temporary SQLite directory is made (a tmpfs here shows what fsync costs).
     db_dir: Option<String>,
+    /// A PostgreSQL database (`postgres://...`) instead of the SQLite file.
+    store_url: Option<String>,
     /// `webhooks.concurrency` of the gateway; None keeps the daemon's default.
     webhook_concurrency: Option<usize>,
     /// The account has no webhook_url: done when every receipt is stored (isolates webhook cost).
@@ -70,6 +72,7 @@ impl Default for Args {
             gateway_threads: cores,
             load_threads: cores,
             db_dir: None,
+            store_url: None,
             webhook_concurrency: None,
             no_webhooks: false,
         }
@@ -79,6 +82,7 @@ impl Default for Args {
 const USAGE: &str = "usage: cargo bench --bench e2e -- [--messages N] [--batch B] [--concurrency C] \
 [--rate MSG_PER_S] [--receipt-delay-ms MS] [--timeout SECS] [--binds N] [--window W] \
 [--carrier-rate PER_BIND_PER_S] [--gateway-threads T] [--load-threads T] [--db-dir DIR] \
+[--store-url postgres://...] \
 [--webhook-concurrency N] [--no-webhooks]";
 
 impl Args {
@@ -108,6 +112,9 @@ impl Args {
                     args.webhook_concurrency = Some(value("--webhook-concurrency")? as usize)
                 }
                 "--no-webhooks" => args.no_webhooks = true,
+                "--store-url" => {
+                    args.store_url = Some(it.next().ok_or("--store-url needs a value")?);
+                }
                 "--db-dir" => {
                     args.db_dir = Some(it.next().ok_or("--db-dir needs a value")?);
                 }
@@ -253,7 +260,7 @@ fn gateway_config(args: &Args, db: &Path, sim: &SimHandle, hook_url: &str) -> Co
         [http]
         listen = "127.0.0.1:0"
         [store]
-        path = "{db}"
+        {store}
         [webhooks]
         {webhooks}
         [privacy]
@@ -275,7 +282,10 @@ fn gateway_config(args: &Args, db: &Path, sim: &SimHandle, hook_url: &str) -> Co
         response_timeout = "10s"
         drain_timeout = "2s"
         "#,
-        db = db.display(),
+        store = match &args.store_url {
+            Some(url) => format!("url = \"{url}\""),
+            None => format!("path = \"{}\"", db.display()),
+        },
         hash = smsgw::api::auth::hash_key(API_KEY),
         carrier = sim.local_addr(),
         binds = args.binds,

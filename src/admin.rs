@@ -11,7 +11,6 @@ use crate::config::Config;
 use crate::message::{Category, Msisdn, Pseudonymizer, rfc3339};
 use crate::policy::number_change::ChangeKind;
 use crate::router::{CarrierState, Facts, NoRoute, Plan, RouteTable};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{AccountPolicy, NumberChange, OptOutSource, Store, StoreError, StoreRules};
 
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +132,9 @@ impl Admin {
             suspect_after: config.policy.suspect_after,
             suspect_codes: config.policy.suspect_codes.clone(),
         };
-        let store = SqliteStore::open(&config.store.path, config.store.max_batch, rules).await?;
+        let store = crate::store::open(&config.store, rules).await?.store;
         Ok(Admin {
-            store: Arc::new(store),
+            store,
             accounts: Accounts::from_config(&config.accounts),
             config,
         })

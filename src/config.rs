@@ -58,8 +58,13 @@ impl Default for HttpConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// The SQLite database file. Relative paths are taken from the working directory (under
-    /// systemd that is the unit's `StateDirectory`).
+    /// systemd that is the unit's `StateDirectory`). The default store.
     pub path: PathBuf,
+    /// A PostgreSQL database (`postgres://...`) shared by several instances, instead of `path`.
+    pub url: Option<String>,
+    /// Whether `path` was given (it and `url` exclude each other); not a key.
+    #[serde(skip)]
+    pub path_given: bool,
     /// Most operations committed in one transaction by the writer (group commit).
     pub max_batch: usize,
     /// How long a claimed message stays leased to this process before it may be claimed again.
@@ -67,10 +72,14 @@ pub struct StoreConfig {
     pub lease: Duration,
 }
 
+const DEFAULT_STORE_PATH: &str = "state/smsgw.db";
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            path: PathBuf::from("state/smsgw.db"),
+            path: PathBuf::from(DEFAULT_STORE_PATH),
+            url: None,
+            path_given: false,
             max_batch: 1024,
             lease: Duration::from_secs(300),
         }
@@ -610,10 +619,13 @@ impl Config {
 
     /// Parses and validates configuration text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        config.store.path_given = text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.get("store").and_then(|s| s.get("path")).is_some());
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
@@ -652,6 +664,18 @@ impl Config {
             self.store.lease >= Duration::from_secs(10),
             "store.lease",
             "must be at least 10s",
+        );
+        need(
+            !(self.store.url.is_some() && self.store.path_given),
+            "store.url",
+            "give either store.url (PostgreSQL) or store.path (SQLite), not both",
+        );
+        need(
+            self.store.url.as_deref().is_none_or(|url| {
+                url.starts_with("postgres://") || url.starts_with("postgresql://")
+            }),
+            "store.url",
+            "must be a PostgreSQL URL: postgres://user@host:port/database",
         );
         let m = &self.messages;
         need(
@@ -972,6 +996,22 @@ mod tests {
         let config = parse(text).expect("config/smsgw.toml must be valid");
         assert_eq!(config.carriers[0].name, "simulated");
         assert!(config.carriers[0].simulator.is_some());
+    }
+
+    #[test]
+    fn the_store_is_either_a_file_or_a_postgres_url() {
+        let url = "[store]\nurl = \"postgres://postgres@127.0.0.1/smsgw\"\n";
+        let config = parse(&format!("{MINIMAL}\n{url}")).unwrap();
+        assert_eq!(
+            config.store.url.as_deref(),
+            Some("postgres://postgres@127.0.0.1/smsgw")
+        );
+        let both = format!("{MINIMAL}\n{url}path = \"x.db\"\n");
+        let err = parse(&both).unwrap_err().to_string();
+        assert!(err.contains("store.url: give either"), "{err}");
+        let mysql = format!("{MINIMAL}\n[store]\nurl = \"mysql://x\"\n");
+        let err = parse(&mysql).unwrap_err().to_string();
+        assert!(err.contains("store.url: must be a PostgreSQL URL"), "{err}");
     }
 
     #[test]

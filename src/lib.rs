@@ -37,7 +37,6 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::router::{RouteTable, Router};
 use crate::smpp::Carrier;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError, StoreRules};
 use crate::webhook::WebhookSender;
 
@@ -91,8 +90,7 @@ pub async fn run_with_reloads(
         suspect_after: config.policy.suspect_after,
         suspect_codes: config.policy.suspect_codes.clone(),
     };
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.store.path, config.store.max_batch, rules).await?);
+    let store::Opened { store, links } = store::open(&config.store, rules).await?;
     let prometheus = metrics::install();
     let observers = CancellationToken::new();
     tokio::spawn(metrics::upkeep(prometheus.clone(), observers.clone()));
@@ -103,6 +101,7 @@ pub async fn run_with_reloads(
         observers.clone(),
     ));
     // One instance owns an SQLite file: whatever was being sent when it last stopped is ours.
+    // (PostgreSQL takes only claims whose lease ended: other instances may be sending.)
     let released = store.release_claims(true).await?;
     if released > 0 {
         warn!(
@@ -133,8 +132,15 @@ pub async fn run_with_reloads(
             (None, None) => continue,
         };
         let deliver = receipt::handler(store.clone(), carrier, live.clone(), unmatched.clone());
-        let started = Carrier::start(carrier.clone(), address, deliver, &binds, shutdown.clone())
-            .map_err(|source| RunError::CarrierTls {
+        let started = Carrier::start_owned(
+            carrier.clone(),
+            address,
+            deliver,
+            &binds,
+            shutdown.clone(),
+            links.clone(),
+        )
+        .map_err(|source| RunError::CarrierTls {
             carrier: carrier.name.clone(),
             source,
         })?;

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod flow;
 pub mod multipart;
+pub mod ownership;
 pub mod query;
 pub mod session;
 pub mod status;
@@ -102,6 +103,19 @@ impl Carrier {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Carrier, TlsError> {
+        Carrier::start_owned(config, address, deliver, tracker, shutdown, None)
+    }
+
+    /// [`Carrier::start`]; with `owner`, each bind runs only while this instance holds it
+    /// (several instances sharing the carrier's binds).
+    pub fn start_owned(
+        config: CarrierConfig,
+        address: String,
+        deliver: DeliverHandler,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+        owner: Option<Arc<dyn ownership::LinkOwnership>>,
+    ) -> Result<Carrier, TlsError> {
         let tls = match &config.tls {
             Some(tls) => Some(Tls::new(tls, &address)?),
             None => None,
@@ -133,8 +147,13 @@ impl Carrier {
             BindType::Pair => &[Role::Transmitter, Role::Receiver],
         };
         for index in 0..config.binds {
-            for &role in roles {
-                tracker.spawn(session::run(session::Bind {
+            for (position, &role) in roles.iter().enumerate() {
+                let (name, hold_index) = (config.name.clone(), index * roles.len() + position);
+                let (config, address, jobs) = (config.clone(), address.clone(), jobs.clone());
+                let (limits_rx, deliver, health) =
+                    (limits_rx.clone(), deliver.clone(), health.clone());
+                let (tls, flow) = (tls.clone(), flow.clone());
+                let bind = move |shutdown| session::Bind {
                     carrier: config.clone(),
                     address: address.clone(),
                     index,
@@ -145,8 +164,20 @@ impl Carrier {
                     deliver: deliver.clone(),
                     health: health.clone(),
                     flow: flow.clone(),
-                    shutdown: shutdown.clone(),
-                }));
+                    shutdown,
+                };
+                match &owner {
+                    None => tracker.spawn(session::run(bind(shutdown.clone()))),
+                    // Each session of a pair is held on its own: a receiver may run in another
+                    // instance than its transmitter (receipts match through the shared store).
+                    Some(owner) => tracker.spawn(ownership::run_owned(
+                        owner.clone(),
+                        name,
+                        hold_index,
+                        shutdown.clone(),
+                        bind,
+                    )),
+                };
             }
         }
         Ok(Carrier {

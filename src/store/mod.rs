@@ -1,10 +1,11 @@
 //! The durable queue and history: the only module that speaks SQL.
 //!
 //! [`Store`] is the seam between the gateway and its database. SQLite ([`sqlite::SqliteStore`])
-//! is the embedded default; a PostgreSQL backend for several instances implements the same
-//! trait. Every method that returns `Ok` has committed what it was given: callers answer their
+//! is the embedded default; PostgreSQL ([`postgres::PostgresStore`]) lets several instances
+//! share one queue. Every method that returns `Ok` has committed what it was given: callers answer their
 //! own callers (HTTP 202, deliver_sm_resp) only after that.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,37 @@ use tokio::sync::Notify;
 use crate::encoding::Encoding;
 use crate::message::{Category, MessageId, Status};
 use crate::receipt::{InboundSms, Receipt};
+
+/// The store the configuration names, and (PostgreSQL) how the binds are shared with the
+/// other instances.
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    /// None: this instance runs every bind (SQLite: one instance per file).
+    pub links: Option<Arc<dyn crate::smpp::ownership::LinkOwnership>>,
+}
+
+/// Opens `store.url` (PostgreSQL) if given, else the SQLite file `store.path`.
+pub async fn open(
+    config: &crate::config::StoreConfig,
+    rules: StoreRules,
+) -> Result<Opened, StoreError> {
+    match &config.url {
+        Some(url) => {
+            let store = postgres::PostgresStore::open(url, config.max_batch, rules).await?;
+            let links = Arc::new(store.link_ownership());
+            Ok(Opened {
+                store: Arc::new(store),
+                links: Some(links),
+            })
+        }
+        None => Ok(Opened {
+            store: Arc::new(
+                sqlite::SqliteStore::open(&config.path, config.max_batch, rules).await?,
+            ),
+            links: None,
+        }),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -545,6 +577,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns messages whose lease has ended (a process died while sending them) to the queue.
     /// `all` also takes leases that have not ended: right for a single instance at start-up.
+    /// PostgreSQL never takes another live instance's claims: there `all` adds only this
+    /// process's own.
     async fn release_claims(&self, all: bool) -> Result<u64, StoreError>;
 
     /// Expires waiting messages whose validity has ended, even while no carrier is bound.

@@ -14,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod pg;
+
 use smsgw::config::Config;
 use smsgw::sim::{SimConfig, SimHandle};
 
