@@ -608,3 +608,168 @@ async fn an_account_never_reads_or_changes_another_accounts_data_on_any_route() 
     );
     gateway.stop().await;
 }
+
+const NUMBER: &str = "+46701234567";
+const HANDSET: &str = "+46709998877";
+const OUR_NUMBER: &str = "+46700000001";
+const SECRET_TEXT: &str = "Secret code 918273 for Maja";
+const API_KEY: &str = "smsgw_logtest_0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+const WRONG_KEY: &str = "smsgw_wrong_key_a1b2c3d4e5f6a7b8c9d0";
+const WEBHOOK_SECRET: &str = "webhook-secret-never-logged-5519";
+const CARRIER_PASSWORD: &str = "pw7Zq81x";
+const PSEUDONYM_KEY: &str = "pseudonym-key-never-logged-7730";
+
+/// Everything the daemon writes, line by line, from a thread per stream.
+fn collect(stream: impl std::io::Read + Send + 'static, into: std::sync::mpsc::Sender<String>) {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if into.send(line).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn the_daemon_logs_no_number_text_key_or_secret_even_at_debug_level() {
+    use std::process::{Command, Stdio};
+
+    let sim = Sim::start(SimConfig {
+        password: CARRIER_PASSWORD.into(),
+        ..sim_config()
+    })
+    .await;
+    let hooks = Hooks::start().await;
+    let (dir, db) = temp_db();
+    let config = format!(
+        r#"
+        [http]
+        listen = "127.0.0.1:0"
+        [admin]
+        enabled = false
+        [store]
+        path = "{db}"
+        [privacy]
+        pseudonym_key = "{PSEUDONYM_KEY}"
+        [logging]
+        format = "json"
+        level = "debug"
+        [[accounts]]
+        name = "a"
+        api_keys = ["{hash}"]
+        senders = ["iP1", "{OUR_NUMBER}"]
+        webhook_url = "{hooks}"
+        webhook_secret = "{WEBHOOK_SECRET}"
+        [[carriers]]
+        name = "sim"
+        address = "{sim}"
+        password = "{CARRIER_PASSWORD}"
+        "#,
+        db = db.display(),
+        hash = hash_key(API_KEY),
+        hooks = hooks.url,
+        sim = sim.address(),
+    );
+    let path = dir.path().join("smsgw.toml");
+    std::fs::write(&path, config).unwrap();
+    // RUST_LOG=debug: every crate at debug, sqlx and the HTTP stack included.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smsgw"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, output) = std::sync::mpsc::channel();
+    collect(child.stdout.take().unwrap(), lines.clone());
+    collect(child.stderr.take().unwrap(), lines);
+    let mut log = Vec::new();
+    let url = loop {
+        let line = output
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the daemon logs that it listens");
+        let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        log.push(line);
+        if event["fields"]["message"] == "HTTP API listening" {
+            break format!("http://{}", event["fields"]["address"].as_str().unwrap());
+        }
+    };
+    let client = reqwest::Client::new();
+
+    // A submit, its receipt and webhooks; a refused key; an inbound STOP (opt-out, reply,
+    // inbound webhook).
+    let answer: Value = client
+        .post(format!("{url}/v1/messages"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"to": NUMBER, "from": "iP1", "text": SECRET_TEXT}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = answer["id"].as_str().expect("an id").to_owned();
+    let refused = client
+        .get(format!("{url}/v1/messages"))
+        .bearer_auth(WRONG_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    eventually(Duration::from_secs(30), "the delivered webhook", || async {
+        hooks
+            .bodies()
+            .iter()
+            .any(|(_, b)| b["message_id"] == id.as_str() && b["status"] == "delivered")
+            .then_some(())
+    })
+    .await;
+    sim.handle
+        .send_mo(HANDSET, OUR_NUMBER, "STOP")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the inbound webhook", || async {
+        hooks
+            .bodies()
+            .iter()
+            .any(|(_, b)| b["type"] == "message.inbound")
+            .then_some(())
+    })
+    .await;
+
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    log.extend(output.try_iter());
+    let log = log.join("\n");
+
+    // The log is not empty: debug lines of the gateway, the HTTP client and sqlx are there.
+    assert!(log.contains("\"DEBUG\""), "no debug lines: {log}");
+    for (what, secret) in [
+        ("the recipient's number", NUMBER.trim_start_matches('+')),
+        ("the sender's number", HANDSET.trim_start_matches('+')),
+        ("the message text", SECRET_TEXT),
+        ("the API key", API_KEY),
+        ("the refused API key", WRONG_KEY),
+        ("the webhook secret", WEBHOOK_SECRET),
+        ("the carrier password", CARRIER_PASSWORD),
+        ("the pseudonym key", PSEUDONYM_KEY),
+    ] {
+        if let Some(line) = log.lines().find(|l| l.contains(secret)) {
+            panic!("{what} is in the log: {line}");
+        }
+    }
+    // The national form of the number neither.
+    assert!(!log.contains("701234567"), "the number is in the log");
+}
