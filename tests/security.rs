@@ -232,21 +232,36 @@ async fn a_header_too_large_or_with_too_many_lines_is_answered_431() {
     gateway.stop().await;
 }
 
-/// A slowloris client: sends a header one byte every 100 ms and never finishes it (or, when
-/// `idle`, sends nothing). Returns once the server closes the connection, or after 60 s.
-async fn slow_client(gateway_address: std::net::SocketAddr, idle: bool) -> bool {
+/// How a slow client behaves.
+#[derive(Clone, Copy)]
+enum Slow {
+    /// Sends a header one byte every 100 ms and never finishes it (slowloris).
+    Trickle,
+    /// Connects and sends nothing.
+    Silent,
+    /// Sends one request, reads its answer, and keeps the connection open doing nothing.
+    IdleAfterAnswer,
+}
+
+/// A slow client. Returns true once the server closes the connection, false after 60 s.
+async fn slow_client(gateway_address: std::net::SocketAddr, how: Slow) -> bool {
     let stream = TcpStream::connect(gateway_address).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
     let trickle = async move {
-        if !idle {
-            for byte in b"GET /healthz HTTP/1.1\r\nx-slow: "
-                .iter()
-                .chain([b'a'; 600].iter())
-            {
-                if writer.write_all(&[*byte]).await.is_err() {
-                    break;
+        match how {
+            Slow::Trickle => {
+                let header = b"GET /healthz HTTP/1.1\r\nx-slow: ".iter();
+                for byte in header.chain([b'a'; 600].iter()) {
+                    if writer.write_all(&[*byte]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Slow::Silent => {}
+            Slow::IdleAfterAnswer => {
+                let request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+                let _ = writer.write_all(request).await;
             }
         }
         std::future::pending::<()>().await
@@ -275,9 +290,15 @@ async fn slow_clients_are_disconnected_and_the_connection_limit_keeps_the_gatewa
     let gateway = Gateway::start(config_with(&db, &sim, limits)).await;
     let address = gateway.address();
 
-    // 16 connections take every slot: 14 trickle a header byte by byte, 2 send nothing.
+    // 16 connections take every slot: 12 trickle a header byte by byte, 2 send nothing, and 2
+    // sit idle after one answer.
     let slow: Vec<_> = (0..16)
-        .map(|i| tokio::spawn(slow_client(address, i >= 14)))
+        .map(|i| match i {
+            0..12 => Slow::Trickle,
+            12..14 => Slow::Silent,
+            _ => Slow::IdleAfterAnswer,
+        })
+        .map(|how| tokio::spawn(slow_client(address, how)))
         .collect();
     // While they hold the slots, one more connection is answered 503 and closed at once. (The
     // slow clients may already have been cut off on a very slow machine: then it is served.)
