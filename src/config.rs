@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::auth::Scope;
 use crate::sim::SimConfig;
 
 /// The whole configuration file. Every table is optional; an empty file is a working gateway
@@ -39,8 +40,21 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Most messages in one batch request.
     pub max_batch: usize,
+    /// How long a request body may take to arrive.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a client may take to send a request's header (from its connection or its
+    /// previous answer on): a client that trickles it (slowloris) or idles is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request header (request line and every header), in bytes; larger → 431.
+    pub max_header_bytes: usize,
+    /// Most header lines in one request; more → 431.
+    pub max_headers: usize,
+    /// Most connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Serve the API over TLS (HTTPS) with this certificate and key.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for HttpConfig {
@@ -50,8 +64,23 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
             request_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            max_connections: 1024,
+            tls: None,
         }
     }
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,8 +299,15 @@ impl Default for LoggingConfig {
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     pub name: String,
-    /// SHA-256 hashes of the account's API keys, as `sha256:<hex>` (`smsgw api-key` makes one).
-    pub api_keys: Vec<String>,
+    /// The account's API keys: `sha256:<hex>` hashes (`smsgw api-key` makes one), each with
+    /// every scope, or `{hash, scopes, rate_per_second?, burst?}` tables.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Requests per second the account's keys may make together; unlimited when absent.
+    #[serde(default)]
+    pub rate_per_second: Option<u32>,
+    /// Requests the account may make at once above its rate (default: one second's worth).
+    #[serde(default)]
+    pub burst: Option<u32>,
     /// Where status changes and inbound replies are posted when a message names no `callback_url`.
     #[serde(default)]
     pub webhook_url: Option<String>,
@@ -294,6 +330,74 @@ pub struct AccountConfig {
     /// Reply keywords (STOP, START, HELP ...) and the texts answered to them.
     #[serde(default)]
     pub keywords: crate::policy::opt_out::Keywords,
+}
+
+/// One API key of an account: the hash of the key, what it may do, and its own rate limit.
+/// Written either as the plain hash (every scope, no limit of its own) or as a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyConfig {
+    pub hash: String,
+    pub scopes: Vec<Scope>,
+    pub rate_per_second: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+impl ApiKeyConfig {
+    /// The plain form: a key hash with every scope.
+    pub fn all_scopes(hash: &str) -> ApiKeyConfig {
+        ApiKeyConfig {
+            hash: hash.to_owned(),
+            scopes: Scope::ALL.to_vec(),
+            rate_per_second: None,
+            burst: None,
+        }
+    }
+}
+
+/// The table form of [`ApiKeyConfig`]; `scopes` must be given.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopedKey {
+    hash: String,
+    scopes: Vec<Scope>,
+    #[serde(default)]
+    rate_per_second: Option<u32>,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for ApiKeyConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = ApiKeyConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a key hash \"sha256:...\" or a table {hash = \"sha256:...\", scopes = [...]}",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, hash: &str) -> Result<ApiKeyConfig, E> {
+                Ok(ApiKeyConfig::all_scopes(hash))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ApiKeyConfig, A::Error> {
+                let key =
+                    ScopedKey::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ApiKeyConfig {
+                    hash: key.hash,
+                    scopes: key.scopes,
+                    rate_per_second: key.rate_per_second,
+                    burst: key.burst,
+                })
+            }
+        }
+        deserializer.deserialize_any(KeyVisitor)
+    }
 }
 
 /// One carrier SMSC. Either `address` (a real SMSC) or `simulator` (an SMSC simulated inside
@@ -543,6 +647,20 @@ fn default_inactivity_timeout() -> Duration {
     Duration::from_secs(300)
 }
 
+/// A rate limit: `rate_per_second` at least 1 when set, `burst` only with it.
+fn validate_rate(key: &str, rate: Option<u32>, burst: Option<u32>, problems: &mut Vec<String>) {
+    if rate == Some(0) {
+        problems.push(format!(
+            "{key}.rate_per_second: must be at least 1 (leave it out for no limit)"
+        ));
+    }
+    match (rate, burst) {
+        (_, Some(0)) => problems.push(format!("{key}.burst: must be at least 1")),
+        (None, Some(_)) => problems.push(format!("{key}.burst: needs rate_per_second beside it")),
+        _ => {}
+    }
+}
+
 /// Delays between attempts, written `["5s", "30s", "2m"]`; the last delay repeats.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(from = "Vec<humantime_serde::Serde<Duration>>")]
@@ -656,6 +774,32 @@ impl Config {
             "must be at least 1",
         );
         need(
+            !self.http.request_timeout.is_zero(),
+            "http.request_timeout",
+            "must be above zero",
+        );
+        need(
+            !self.http.header_read_timeout.is_zero(),
+            "http.header_read_timeout",
+            "must be above zero",
+        );
+        // hyper reads a header into a buffer of at least 8 KiB.
+        need(
+            (8192..=1024 * 1024).contains(&self.http.max_header_bytes),
+            "http.max_header_bytes",
+            "must be between 8192 and 1048576",
+        );
+        need(
+            (8..=1000).contains(&self.http.max_headers),
+            "http.max_headers",
+            "must be between 8 and 1000",
+        );
+        need(
+            self.http.max_connections >= 1,
+            "http.max_connections",
+            "must be at least 1",
+        );
+        need(
             self.store.max_batch >= 1,
             "store.max_batch",
             "must be at least 1",
@@ -745,6 +889,11 @@ impl Config {
                 self.logging.level
             ));
         }
+        if let Some(tls) = &self.http.tls
+            && let Err(problem) = crate::api::serve::load_tls(tls)
+        {
+            problems.push(problem.to_string());
+        }
         self.validate_accounts(&mut problems);
         self.validate_carriers(&mut problems);
         self.validate_routes(&mut problems);
@@ -769,12 +918,21 @@ impl Config {
             if account.api_keys.is_empty() {
                 problems.push(format!("{key}.api_keys: needs at least one key hash"));
             }
-            for (j, hash) in account.api_keys.iter().enumerate() {
-                if crate::api::auth::parse_key_hash(hash).is_none() {
+            validate_rate(&key, account.rate_per_second, account.burst, problems);
+            for (j, api_key) in account.api_keys.iter().enumerate() {
+                let key = format!("{key}.api_keys[{j}]");
+                if crate::api::auth::parse_key_hash(&api_key.hash).is_none() {
                     problems.push(format!(
-                        "{key}.api_keys[{j}]: must be `sha256:` and 64 hex digits (see `smsgw api-key`)"
+                        "{key}: must be `sha256:` and 64 hex digits (see `smsgw api-key`)"
                     ));
                 }
+                if api_key.scopes.is_empty() {
+                    problems.push(format!(
+                        "{key}.scopes: must list at least one of {}",
+                        Scope::names()
+                    ));
+                }
+                validate_rate(&key, api_key.rate_per_second, api_key.burst, problems);
             }
             if let Some(t) = &account.default_consent_at
                 && time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
@@ -1206,5 +1364,81 @@ mod tests {
         let text = format!("{MINIMAL}\n[[accounts]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("accounts[0].api_keys[0]"), "{err}");
+    }
+
+    const HASH: &str = "sha256:c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c";
+
+    #[test]
+    fn a_key_is_a_plain_hash_with_every_scope_or_a_table_with_its_scopes() {
+        let text = format!(
+            "{MINIMAL}\n[[accounts]]\nname = \"a\"\nrate_per_second = 10\n\
+             api_keys = [\"{HASH}\", {{ hash = \"{HASH}\", scopes = [\"submit\", \"read\"], \
+             rate_per_second = 2, burst = 5 }}]\n"
+        );
+        let config = parse(&text).unwrap();
+        let keys = &config.accounts[0].api_keys;
+        assert_eq!(keys[0], ApiKeyConfig::all_scopes(HASH));
+        assert_eq!(keys[1].scopes, vec![Scope::Submit, Scope::Read]);
+        assert_eq!((keys[1].rate_per_second, keys[1].burst), (Some(2), Some(5)));
+        assert_eq!(config.accounts[0].rate_per_second, Some(10));
+    }
+
+    #[test]
+    fn a_bad_scope_or_key_table_is_refused_by_name() {
+        let unknown_scope = format!(
+            "{MINIMAL}\n[[accounts]]\nname = \"a\"\napi_keys = [{{ hash = \"{HASH}\", scopes = [\"sumbit\"] }}]\n"
+        );
+        let err = parse(&unknown_scope).unwrap_err().to_string();
+        assert!(err.contains("sumbit") && err.contains("submit"), "{err}");
+        let no_scopes = format!(
+            "{MINIMAL}\n[[accounts]]\nname = \"a\"\napi_keys = [{{ hash = \"{HASH}\", scopes = [] }}]\n"
+        );
+        let err = parse(&no_scopes).unwrap_err().to_string();
+        assert!(err.contains("accounts[0].api_keys[0].scopes"), "{err}");
+        let typo = format!(
+            "{MINIMAL}\n[[accounts]]\nname = \"a\"\napi_keys = [{{ hash = \"{HASH}\", scope = [\"read\"] }}]\n"
+        );
+        let err = parse(&typo).unwrap_err().to_string();
+        assert!(err.contains("scope"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_and_http_limits_are_checked() {
+        let text = format!(
+            "{MINIMAL}\n[http]\nmax_header_bytes = 100\nmax_headers = 0\nmax_connections = 0\n\
+             header_read_timeout = \"0s\"\n\
+             [[accounts]]\nname = \"a\"\nrate_per_second = 0\n\
+             api_keys = [{{ hash = \"{HASH}\", scopes = [\"read\"], burst = 3 }}]\n"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        for key in [
+            "http.max_header_bytes",
+            "http.max_headers",
+            "http.max_connections",
+            "http.header_read_timeout",
+            "accounts[0].rate_per_second",
+            "accounts[0].api_keys[0].burst",
+        ] {
+            assert!(err.contains(key), "missing {key} in {err}");
+        }
+    }
+
+    #[test]
+    fn tls_files_are_read_at_validation() {
+        let text = format!(
+            "{MINIMAL}\n[http]\ntls = {{ cert_file = \"/nonexistent/cert.pem\", key_file = \"/nonexistent/key.pem\" }}\n"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("http.tls.cert_file"), "{err}");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls");
+        let text = format!(
+            "{MINIMAL}\n[http]\ntls = {{ cert_file = \"{dir}/cert.pem\", key_file = \"{dir}/cert.pem\" }}\n"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("http.tls.key_file"), "{err}");
+        let text = format!(
+            "{MINIMAL}\n[http]\ntls = {{ cert_file = \"{dir}/cert.pem\", key_file = \"{dir}/key.pem\" }}\n"
+        );
+        assert!(parse(&text).unwrap().http.tls.is_some());
     }
 }

@@ -63,6 +63,8 @@ pub enum RunError {
         carrier: String,
         source: smpp::tls::TlsError,
     },
+    #[error("{0}")]
+    Tls(#[from] api::serve::TlsError),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then stops in order: the HTTP API stops
@@ -85,6 +87,13 @@ pub async fn run_with_reloads(
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
+    // Before the store opens: a TLS file that went missing since validation stops start-up.
+    let tls = config
+        .http
+        .tls
+        .as_ref()
+        .map(api::serve::load_tls)
+        .transpose()?;
     let rules = StoreRules {
         pseudonyms: message::Pseudonymizer::new(config.privacy.pseudonym_key.expose().as_bytes()),
         suspect_after: config.policy.suspect_after,
@@ -205,7 +214,8 @@ pub async fn run_with_reloads(
         });
     }
     let address = listeners.http.local_addr().map_err(RunError::Http)?;
-    info!(%address, "HTTP API listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(%address, scheme, "HTTP API listening");
     // systemd (no-ops unless started by it): the watchdog is fed while the store answers and
     // the dispatcher and webhook sender run; READY once the store is open and the API serves.
     let tasks = vec![
@@ -219,9 +229,15 @@ pub async fn run_with_reloads(
         shutdown.clone(),
     );
     systemd::ready(&format!("HTTP API on {address}"));
-    let served = axum::serve(listeners.http, api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let http = state.http.clone();
+    api::serve::serve(
+        listeners.http,
+        api::router(state),
+        &http,
+        tls,
+        shutdown.clone(),
+    )
+    .await;
 
     systemd::stopping();
     info!("shutting down: draining binds");
@@ -232,7 +248,7 @@ pub async fn run_with_reloads(
     observers.cancel();
     store.close().await;
     info!("stopped");
-    served.map_err(RunError::Http)
+    Ok(())
 }
 
 /// A carrier's receipt chores: giving up receipts that match nothing, and query_sm for

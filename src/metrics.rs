@@ -175,6 +175,24 @@ pub fn number_change(kind: &'static str) {
     counter!("smsgw_number_changes_total", "kind" => kind).increment(1);
 }
 
+/// An API request refused by a rate limit (`limit`: `account` or `key`).
+pub fn rate_limited(account: &str, limit: &'static str) {
+    counter!("smsgw_http_rate_limited_total", "account" => account.to_owned(), "limit" => limit)
+        .increment(1);
+}
+
+/// An API connection closed by the server: `reason` is `too_many_connections` (refused at
+/// accept), `header_timeout` (the header did not arrive in time, e.g. slowloris) or
+/// `tls_handshake` (failed or too slow).
+pub fn http_connection_closed(reason: &'static str) {
+    counter!("smsgw_http_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// API connections open now.
+pub fn http_connections(open: usize) {
+    gauge!("smsgw_http_connections").set(open as f64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -275,6 +275,18 @@ mod tests {
             verify("s3cret", &header, "{}", 1_700_001_000, 300),
             Err(VerifyError::Stale)
         );
+        // Within the tolerance either way it passes; a timestamp far ahead is refused too.
+        assert_eq!(verify("s3cret", &header, "{}", 1_700_000_300, 300), Ok(()));
+        assert_eq!(
+            verify("s3cret", &header, "{}", 1_699_999_000, 300),
+            Err(VerifyError::Stale)
+        );
+        // A replayer who puts a fresh timestamp on the old signature breaks the signature.
+        let refreshed = header.replace("t=1700000000", "t=1700001000");
+        assert_eq!(
+            verify("s3cret", &refreshed, "{}", 1_700_001_000, 300),
+            Err(VerifyError::Mismatch)
+        );
     }
 
     #[test]

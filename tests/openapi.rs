@@ -77,12 +77,18 @@ async fn the_openapi_document_lists_exactly_the_routes_the_gateway_serves() {
     assert_eq!(bearer["type"], "http");
     assert_eq!(bearer["scheme"], "bearer");
 
-    // Each operation is served, and asks for the API key exactly when the document says so.
-    for (method, path) in &routed {
-        let operation = &doc["paths"][path.as_str()][method.to_lowercase()];
-        let secured = operation["security"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()));
+    // Each operation is served, and asks for the API key exactly when the document says so,
+    // with the scope the route table enforces.
+    for route in ROUTES {
+        let (method, path) = (route.method, route.path);
+        let operation = &doc["paths"][path][method.to_lowercase()];
+        let scopes: Option<Vec<Value>> = operation["security"].as_array().and_then(|s| {
+            s.iter()
+                .find_map(|r| r.get("bearer").and_then(Value::as_array).cloned())
+        });
+        let secured = scopes.is_some();
+        let expected = route.scope.map(|s| vec![Value::from(s.as_str())]);
+        assert_eq!(scopes, expected, "{method} {path}: documented scopes");
         let responses = operation["responses"].as_object().unwrap();
         assert!(
             responses.keys().any(|s| s.starts_with('2')),
@@ -93,10 +99,12 @@ async fn the_openapi_document_lists_exactly_the_routes_the_gateway_serves() {
             "{method} {path}: no operationId"
         );
         if secured {
-            assert!(
-                responses.contains_key("401"),
-                "{method} {path}: secured, but 401 is not documented"
-            );
+            for code in ["401", "403", "429"] {
+                assert!(
+                    responses.contains_key(code),
+                    "{method} {path}: secured, but {code} is not documented"
+                );
+            }
         }
 
         let url = format!("{}{}", gateway.url, sample(path));

@@ -1,18 +1,80 @@
 //! API keys: an account is found by the SHA-256 of the key it presents. Keys are random tokens,
 //! so a fast hash is enough (a slow password hash would only invite denial of service); the
-//! configuration holds only hashes, and every comparison is in constant time.
+//! configuration holds only hashes, and every comparison is in constant time. Each key has
+//! scopes (what it may do) and may have a rate limit of its own, beside its account's.
 
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use rand::RngCore;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AccountConfig;
+use super::limits::RateLimit;
+use crate::config::{AccountConfig, ApiKeyConfig};
+
+/// What an API key may do. `super::ROUTES` says which scope each route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Submit messages and cancel them.
+    Submit,
+    /// Read messages: one with its history, or the list.
+    Read,
+    /// Opt-outs and number changes: list, add, import, export, remove.
+    Policy,
+    /// Data subjects: export and erase everything the account holds about a number.
+    Subjects,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Submit, Scope::Read, Scope::Policy, Scope::Subjects];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Submit => "submit",
+            Scope::Read => "read",
+            Scope::Policy => "policy",
+            Scope::Subjects => "subjects",
+        }
+    }
+
+    /// Every scope, for error messages: "`submit`, `read`, ...".
+    pub fn names() -> String {
+        let names: Vec<String> = Scope::ALL
+            .iter()
+            .map(|s| format!("`{}`", s.as_str()))
+            .collect();
+        names.join(", ")
+    }
+}
+
+/// One API key of an account.
+#[derive(Debug)]
+pub struct ApiKey {
+    hash: [u8; 32],
+    scopes: Vec<Scope>,
+    /// The key's own limit, taken besides the account's.
+    pub limit: Option<RateLimit>,
+}
+
+impl ApiKey {
+    fn from_config(key: &ApiKeyConfig) -> Option<ApiKey> {
+        Some(ApiKey {
+            hash: parse_key_hash(&key.hash)?,
+            scopes: key.scopes.clone(),
+            limit: RateLimit::new(key.rate_per_second, key.burst),
+        })
+    }
+
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+}
 
 /// An account as the API needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Account {
     pub name: String,
     pub webhook_url: Option<String>,
@@ -24,7 +86,9 @@ pub struct Account {
     pub follow_number_changes: bool,
     /// Consent time (ms) assumed for messages that give none.
     pub default_consent_at: Option<i64>,
-    key_hashes: Vec<[u8; 32]>,
+    /// The limit all of the account's keys share.
+    pub limit: Option<RateLimit>,
+    keys: Vec<Arc<ApiKey>>,
 }
 
 impl Account {
@@ -57,10 +121,12 @@ impl Accounts {
                             .iter()
                             .map(|s| s.trim_start_matches('+').to_owned())
                             .collect(),
-                        key_hashes: a
+                        limit: RateLimit::new(a.rate_per_second, a.burst),
+                        keys: a
                             .api_keys
                             .iter()
-                            .filter_map(|h| parse_key_hash(h))
+                            .filter_map(ApiKey::from_config)
+                            .map(Arc::new)
                             .collect(),
                     })
                 })
@@ -81,9 +147,15 @@ impl Accounts {
             .collect()
     }
 
-    /// The account of the `Authorization: Bearer` key, if any. Every configured hash is
-    /// compared, so the time taken does not tell which account or how many bytes matched.
+    /// The account of the `Authorization: Bearer` key, if any.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Account>> {
+        self.authenticate_key(headers).map(|(account, _)| account)
+    }
+
+    /// The account and the key of the `Authorization: Bearer` header, if any. Every configured
+    /// hash is compared, so the time taken does not tell which account or how many bytes
+    /// matched.
+    pub fn authenticate_key(&self, headers: &HeaderMap) -> Option<(Arc<Account>, Arc<ApiKey>)> {
         let value = headers
             .get(axum::http::header::AUTHORIZATION)?
             .to_str()
@@ -98,9 +170,9 @@ impl Accounts {
         let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let mut found = None;
         for account in &self.0 {
-            for hash in &account.key_hashes {
-                if bool::from(hash.ct_eq(&presented)) {
-                    found = Some(account.clone());
+            for key in &account.keys {
+                if bool::from(key.hash.ct_eq(&presented)) {
+                    found = Some((account.clone(), key.clone()));
                 }
             }
         }
@@ -143,7 +215,15 @@ mod tests {
         Accounts::from_config(&[
             AccountConfig {
                 name: "a".into(),
-                api_keys: vec![hash_key("key-a")],
+                api_keys: vec![
+                    ApiKeyConfig::all_scopes(&hash_key("key-a")),
+                    ApiKeyConfig {
+                        scopes: vec![Scope::Read],
+                        ..ApiKeyConfig::all_scopes(&hash_key("key-a-read"))
+                    },
+                ],
+                rate_per_second: None,
+                burst: None,
                 webhook_url: None,
                 webhook_secret: None,
                 senders: vec![],
@@ -154,7 +234,12 @@ mod tests {
             },
             AccountConfig {
                 name: "b".into(),
-                api_keys: vec![hash_key("key-b1"), hash_key("key-b2")],
+                api_keys: vec![
+                    ApiKeyConfig::all_scopes(&hash_key("key-b1")),
+                    ApiKeyConfig::all_scopes(&hash_key("key-b2")),
+                ],
+                rate_per_second: None,
+                burst: None,
                 webhook_url: None,
                 webhook_secret: None,
                 senders: vec![],
@@ -183,6 +268,17 @@ mod tests {
         assert!(accounts.authenticate(&bearer("key-c")).is_none());
         assert!(accounts.authenticate(&bearer("")).is_none());
         assert!(accounts.authenticate(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_key_has_its_own_scopes() {
+        let accounts = accounts();
+        let (account, key) = accounts.authenticate_key(&bearer("key-a-read")).unwrap();
+        assert_eq!(account.name, "a");
+        assert!(key.allows(Scope::Read));
+        assert!(!key.allows(Scope::Submit));
+        let (_, key) = accounts.authenticate_key(&bearer("key-a")).unwrap();
+        assert!(Scope::ALL.iter().all(|s| key.allows(*s)));
     }
 
     #[test]

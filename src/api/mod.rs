@@ -3,17 +3,20 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod limits;
 mod messages;
 pub mod openapi;
 pub mod policy;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 
@@ -23,9 +26,10 @@ use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
 
 use crate::config::{HttpConfig, MessagesConfig};
+use crate::metrics;
 use crate::router::Router as CarrierRouter;
 use crate::store::Store;
-use auth::Account;
+use auth::{Account, Scope};
 use error::ApiError;
 
 #[derive(Clone)]
@@ -39,11 +43,12 @@ pub struct AppState {
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
-/// One route of the API: its method, its path (axum's `{param}` syntax is OpenAPI's too) and
-/// the handler that serves it.
+/// One route of the API: its method, its path (axum's `{param}` syntax is OpenAPI's too), the
+/// scope an API key needs for it (`None`: no key at all) and the handler that serves it.
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
+    pub scope: Option<Scope>,
     handler: fn(MethodFilter) -> MethodRouter<AppState>,
 }
 
@@ -51,52 +56,86 @@ pub struct Route {
 /// `tests/openapi.rs` checks that `/v1/openapi.json` documents exactly these (method, path)
 /// pairs: a route added here without its `#[utoipa::path]` listed in `openapi::ApiDoc` fails it.
 pub const ROUTES: &[Route] = &[
-    Route::new("POST", "/v1/messages", |m| on(m, messages::submit)),
-    Route::new("GET", "/v1/messages", |m| on(m, messages::list)),
-    Route::new("GET", "/v1/messages/{id}", |m| on(m, messages::get)),
-    Route::new("DELETE", "/v1/messages/{id}", |m| on(m, messages::cancel)),
-    Route::new("GET", "/v1/opt-outs", |m| on(m, policy::list_opt_outs)),
-    Route::new("POST", "/v1/opt-outs", |m| on(m, policy::add_opt_out)),
-    Route::new("POST", "/v1/opt-outs/import", |m| {
+    Route::new("POST", "/v1/messages", SUBMIT, |m| on(m, messages::submit)),
+    Route::new("GET", "/v1/messages", READ, |m| on(m, messages::list)),
+    Route::new("GET", "/v1/messages/{id}", READ, |m| on(m, messages::get)),
+    Route::new("DELETE", "/v1/messages/{id}", SUBMIT, |m| {
+        on(m, messages::cancel)
+    }),
+    Route::new("GET", "/v1/opt-outs", POLICY, |m| {
+        on(m, policy::list_opt_outs)
+    }),
+    Route::new("POST", "/v1/opt-outs", POLICY, |m| {
+        on(m, policy::add_opt_out)
+    }),
+    Route::new("POST", "/v1/opt-outs/import", POLICY, |m| {
         on(m, policy::import_opt_outs)
     }),
-    Route::new("GET", "/v1/opt-outs/export", |m| {
+    Route::new("GET", "/v1/opt-outs/export", POLICY, |m| {
         on(m, policy::export_opt_outs)
     }),
-    Route::new("DELETE", "/v1/opt-outs/{number}", |m| {
+    Route::new("DELETE", "/v1/opt-outs/{number}", POLICY, |m| {
         on(m, policy::remove_opt_out)
     }),
-    Route::new("POST", "/v1/number-changes", |m| {
+    Route::new("POST", "/v1/number-changes", POLICY, |m| {
         on(m, policy::add_number_change)
     }),
-    Route::new("GET", "/v1/number-changes/{number}", |m| {
+    Route::new("GET", "/v1/number-changes/{number}", POLICY, |m| {
         on(m, policy::number_history)
     }),
-    Route::new("DELETE", "/v1/number-changes/{number}/suspect", |m| {
-        on(m, policy::clear_suspect)
-    }),
-    Route::new("DELETE", "/v1/subjects/{number}", |m| {
+    Route::new(
+        "DELETE",
+        "/v1/number-changes/{number}/suspect",
+        POLICY,
+        |m| on(m, policy::clear_suspect),
+    ),
+    Route::new("DELETE", "/v1/subjects/{number}", SUBJECTS, |m| {
         on(m, policy::erase_subject)
     }),
-    Route::new("GET", "/v1/subjects/{number}/export", |m| {
+    Route::new("GET", "/v1/subjects/{number}/export", SUBJECTS, |m| {
         on(m, policy::export_subject)
     }),
-    Route::new("GET", "/v1/openapi.json", |m| on(m, openapi::document)),
-    Route::new("GET", "/metrics", |m| on(m, prometheus)),
-    Route::new("GET", "/healthz", |m| on(m, healthz)),
-    Route::new("GET", "/readyz", |m| on(m, readyz)),
+    Route::new("GET", "/v1/openapi.json", PUBLIC, |m| {
+        on(m, openapi::document)
+    }),
+    Route::new("GET", "/metrics", PUBLIC, |m| on(m, prometheus)),
+    Route::new("GET", "/healthz", PUBLIC, |m| on(m, healthz)),
+    Route::new("GET", "/readyz", PUBLIC, |m| on(m, readyz)),
 ];
+
+const SUBMIT: Option<Scope> = Some(Scope::Submit);
+const READ: Option<Scope> = Some(Scope::Read);
+const POLICY: Option<Scope> = Some(Scope::Policy);
+const SUBJECTS: Option<Scope> = Some(Scope::Subjects);
+/// No API key: health, readiness, metrics and the OpenAPI document.
+const PUBLIC: Option<Scope> = None;
 
 impl Route {
     const fn new(
         method: &'static str,
         path: &'static str,
+        scope: Option<Scope>,
         handler: fn(MethodFilter) -> MethodRouter<AppState>,
     ) -> Route {
         Route {
             method,
             path,
+            scope,
             handler,
+        }
+    }
+
+    /// The route's handler, behind [`guard`] when it needs a key.
+    fn method_router(&self, state: &AppState) -> MethodRouter<AppState> {
+        let handler = (self.handler)(self.method_filter());
+        match self.scope {
+            None => handler,
+            Some(scope) => handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                move |State(state): State<AppState>, request: Request, next: Next| {
+                    guard(scope, state, request, next)
+                },
+            )),
         }
     }
 
@@ -117,11 +156,73 @@ pub fn router(state: AppState) -> Router {
         .iter()
         .fold(Router::new(), |router, route| {
             // Two routes on one path merge their methods (axum panics on a repeated method).
-            router.route(route.path, (route.handler)(route.method_filter()))
+            router.route(route.path, route.method_router(&state))
         })
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// In front of every route that needs a key: the key must be known (401) and have the route's
+/// scope (403 `insufficient_scope`), and the request must fit the key's and the account's rate
+/// limits (429 `rate_limited`, with `Retry-After`). The handler then finds its account with
+/// [`authenticate`] (a hash and a comparison per key: cheap).
+async fn guard(scope: Scope, state: AppState, request: Request, next: Next) -> Response {
+    let Some((account, key)) = state
+        .live
+        .load()
+        .accounts
+        .authenticate_key(request.headers())
+    else {
+        return ApiError::unauthorized().into_response();
+    };
+    if !key.allows(scope) {
+        return insufficient_scope(scope);
+    }
+    let limits = [("key", &key.limit), ("account", &account.limit)];
+    for (which, limit) in limits {
+        if let Some(Err(wait)) = limit.as_ref().map(limits::RateLimit::check) {
+            metrics::rate_limited(&account.name, which);
+            return rate_limited(which, wait);
+        }
+    }
+    next.run(request).await
+}
+
+fn insufficient_scope(scope: Scope) -> Response {
+    let error = ApiError::new(
+        StatusCode::FORBIDDEN,
+        "insufficient_scope",
+        format!(
+            "this API key does not have the scope `{}` that this route needs",
+            scope.as_str()
+        ),
+    );
+    let challenge = format!(
+        "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+        scope.as_str()
+    );
+    let mut response = error.into_response();
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+fn rate_limited(which: &str, wait: std::time::Duration) -> Response {
+    let seconds = limits::retry_after_secs(wait);
+    let error = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("the {which}'s request rate limit is reached; retry in {seconds} s"),
+    );
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Account>, ApiError> {

@@ -10,15 +10,17 @@ use std::sync::OnceLock;
 
 use axum::http::header;
 use axum::response::IntoResponse;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{self, RefOr};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{self, ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::encoding::Encoding;
 use crate::message::{Category, Status};
 
-use super::{messages, policy};
+use super::auth::Scope;
+use super::{ROUTES, messages, policy};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -51,7 +53,7 @@ use super::{messages, policy};
         super::readyz,
         document,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Scopes),
     tags(
         (name = "messages", description = "Submit, read, list and cancel messages"),
         (name = "policy", description = "Opt-outs, number changes and data subjects"),
@@ -73,13 +75,66 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "An API key of the account (`smsgw api-key` makes one and its hash)",
-                    ))
+                    .description(Some(format!(
+                        "An API key of the account (`smsgw api-key` makes one and its hash). \
+                         A key has scopes, {}; each operation's security requirement names \
+                         the one it needs (a key without it gets 403 `insufficient_scope`).",
+                        Scope::names()
+                    )))
                     .build(),
             ),
         );
     }
+}
+
+/// Each operation that needs a key: the scope it needs (from `super::ROUTES`, the table the
+/// router enforces), and its 403 and 429 answers.
+struct Scopes;
+
+impl Modify for Scopes {
+    fn modify(&self, openapi: &mut openapi::OpenApi) {
+        for route in ROUTES {
+            let Some(scope) = route.scope else { continue };
+            let Some(item) = openapi.paths.paths.get_mut(route.path) else {
+                continue;
+            };
+            let operation = match route.method {
+                "GET" => item.get.as_mut(),
+                "POST" => item.post.as_mut(),
+                "PUT" => item.put.as_mut(),
+                "PATCH" => item.patch.as_mut(),
+                "DELETE" => item.delete.as_mut(),
+                _ => None,
+            };
+            let Some(operation) = operation else { continue };
+            operation.security = Some(vec![SecurityRequirement::new(BEARER, [scope.as_str()])]);
+            let responses = &mut operation.responses.responses;
+            let forbidden = format!(
+                "The API key does not have the scope `{}` (`insufficient_scope`)",
+                scope.as_str()
+            );
+            responses.insert("403".into(), error_response(&forbidden).build().into());
+            let retry_after = HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
+                .description(Some("Seconds until a request is allowed again"))
+                .build();
+            let limited = error_response(
+                "The key's or the account's request rate limit is reached (`rate_limited`)",
+            )
+            .header("Retry-After", retry_after);
+            responses.insert("429".into(), limited.build().into());
+        }
+    }
+}
+
+/// An answer with the API's error body.
+fn error_response(description: &str) -> ResponseBuilder {
+    let body = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("ErrorEnvelope")))
+        .build();
+    ResponseBuilder::new()
+        .description(description)
+        .content("application/json", body)
 }
 
 /// The document as JSON, built once.

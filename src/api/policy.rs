@@ -689,11 +689,12 @@ pub async fn number_history(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SuspectCleared {
     number: String,
-    /// False when it was not suspect.
+    /// False when it was not suspect and none of the account's messages was held.
     cleared: bool,
 }
 
-/// The number works after all: it is no longer suspect and its held messages go out.
+/// The number works after all: it is no longer suspect, and the account's messages it held go
+/// out (another account's held messages wait for that account, or an operator, to clear them).
 #[utoipa::path(
     delete,
     path = "/v1/number-changes/{number}/suspect",
@@ -714,9 +715,12 @@ pub async fn clear_suspect(
     headers: HeaderMap,
     number_text: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SuspectCleared>, ApiError> {
-    let _account = authenticate(&state, &headers)?;
+    let account = authenticate(&state, &headers)?;
     let number = path_number(number_text)?;
-    let cleared = state.store.clear_suspect(&number).await?;
+    let cleared = state
+        .store
+        .clear_suspect(&number, Some(&account.name))
+        .await?;
     Ok(Json(SuspectCleared { number, cleared }))
 }
 

@@ -471,8 +471,10 @@ pub trait Store: Send + Sync + 'static {
         number: &str,
     ) -> Result<NumberHistory, StoreError>;
 
-    /// Clears a suspect number: its held messages are queued again.
-    async fn clear_suspect(&self, number: &str) -> Result<bool, StoreError>;
+    /// Clears a suspect number: the mark goes, and the held messages of `account` (of every
+    /// account when `None`, the operator) are queued again. False when it was not suspect and
+    /// nothing was held.
+    async fn clear_suspect(&self, number: &str, account: Option<&str>) -> Result<bool, StoreError>;
 
     /// Messages of every account in one status, oldest due first (operators' queue view).
     async fn queue(&self, status: Status, limit: u32) -> Result<Vec<MessageView>, StoreError>;

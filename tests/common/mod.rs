@@ -129,7 +129,7 @@ pub fn parse_config(text: &str) -> Config {
 
 impl Gateway {
     pub async fn start(config: Config) -> Gateway {
-        Gateway::start_with_reloads(config, tokio::sync::mpsc::channel(1).1).await
+        Gateway::start_with(config, "http", reqwest::Client::new(), no_reloads()).await
     }
 
     /// A gateway that takes new configurations from `reloads`, as SIGHUP gives them.
@@ -137,8 +137,27 @@ impl Gateway {
         config: Config,
         reloads: tokio::sync::mpsc::Receiver<Config>,
     ) -> Gateway {
+        Gateway::start_with(config, "http", reqwest::Client::new(), reloads).await
+    }
+
+    /// A gateway whose configuration has `http.tls`, and a client that trusts `cert_pem` only.
+    pub async fn start_tls(config: Config, cert_pem: &[u8]) -> Gateway {
+        let cert = reqwest::Certificate::from_pem(cert_pem).unwrap();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([cert])
+            .build()
+            .unwrap();
+        Gateway::start_with(config, "https", client, no_reloads()).await
+    }
+
+    async fn start_with(
+        config: Config,
+        scheme: &str,
+        client: reqwest::Client,
+        reloads: tokio::sync::mpsc::Receiver<Config>,
+    ) -> Gateway {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", http.local_addr().unwrap());
+        let url = format!("{scheme}://{}", http.local_addr().unwrap());
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let db = config.store.path.clone();
@@ -158,10 +177,16 @@ impl Gateway {
             db,
             shutdown,
             task: Some(task),
-            client: reqwest::Client::new(),
+            client,
         };
         gateway.wait_until_serving().await;
         gateway
+    }
+
+    /// The API's socket address, for raw TCP clients.
+    pub fn address(&self) -> SocketAddr {
+        let port = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     async fn wait_until_serving(&self) {
@@ -297,6 +322,11 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A reload channel that never delivers.
+fn no_reloads() -> tokio::sync::mpsc::Receiver<Config> {
+    tokio::sync::mpsc::channel(1).1
 }
 
 /// A message body for account tests.
