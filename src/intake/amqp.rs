@@ -260,6 +260,12 @@ impl Intake {
             .as_ref()
             .map(|id| checked_idempotency_key(id.as_str()))
             .transpose()?;
+        if delivery.redelivered && idempotency_key.is_none() {
+            warn!(
+                queue = %self.config.queue,
+                "a redelivered submission has no message_id: if its first delivery was committed, it is stored twice"
+            );
+        }
         submit_body(&self.state, &account, &delivery.data, idempotency_key).await
     }
 
