@@ -405,6 +405,15 @@ async fn what_is_not_a_submission_is_answered_and_dead_lettered_once() {
         let (_, original) = broker.next(&dead).await;
         assert_eq!(original, *payload, "case {i}");
     }
+    // A message_id that cannot be an idempotency key is refused like such an Idempotency-Key.
+    let properties = submission(Some(KEY_A)).with_message_id("ordre-ø".into());
+    let payload = br#"{"to": "+46701234567", "from": "iP1", "text": "x"}"#;
+    broker.publish(&queue, payload, properties).await;
+    let answer = broker.answer(&replies).await;
+    assert_eq!(answer.correlation_id(), Some("ordre-ø"));
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert_eq!(answer.body["error"]["code"], "invalid_idempotency_key");
+    assert_eq!(broker.next(&dead).await.1, payload.to_vec());
     broker.wait_counts(&queue, 0, 1).await;
     // None of them comes round again: no second answer, nothing more dead-lettered.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -341,11 +341,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    checked_idempotency_key(value.to_str().unwrap_or_default()).map(Some)
+    checked_idempotency_key(value.to_str().unwrap_or_default(), "Idempotency-Key").map(Some)
 }
 
-/// An idempotency key as given (the HTTP `Idempotency-Key`, an AMQP `message_id`), checked.
-pub(crate) fn checked_idempotency_key(key: &str) -> Result<String, ApiError> {
+/// An idempotency key as given (`name`: the HTTP `Idempotency-Key`, an AMQP `message_id`),
+/// checked.
+pub(crate) fn checked_idempotency_key(key: &str, name: &str) -> Result<String, ApiError> {
     let visible = |b: u8| b == b'\t' || (b' '..=b'~').contains(&b);
     if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY && key.bytes().all(visible) {
         return Ok(key.to_owned());
@@ -353,7 +354,7 @@ pub(crate) fn checked_idempotency_key(key: &str) -> Result<String, ApiError> {
     Err(ApiError::new(
         StatusCode::BAD_REQUEST,
         "invalid_idempotency_key",
-        format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        format!("{name} must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
     ))
 }
 

@@ -258,7 +258,7 @@ impl Intake {
             .properties
             .message_id()
             .as_ref()
-            .map(|id| checked_idempotency_key(id.as_str()))
+            .map(|id| checked_idempotency_key(id.as_str(), "message_id"))
             .transpose()?;
         if delivery.redelivered && idempotency_key.is_none() {
             warn!(
