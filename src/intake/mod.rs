@@ -55,13 +55,7 @@ impl AmqpConfig {
     /// Every problem, each naming its key under `amqp.`.
     pub fn validate(&self, accounts: &[AccountConfig]) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.enabled && !cfg!(feature = "amqp") {
-            problems.push(
-                "amqp.enabled: this smsgw was built without the `amqp` feature; build it with \
-                 `cargo build --release --features amqp`, or set enabled = false"
-                    .to_owned(),
-            );
-        }
+        problems.extend(missing_feature(self.enabled, cfg!(feature = "amqp")));
         if let Err(why) = check_url(self.url.expose()) {
             problems.push(format!("amqp.url: {why}"));
         }
@@ -88,6 +82,14 @@ impl AmqpConfig {
         }
         problems
     }
+}
+
+fn missing_feature(enabled: bool, built_in: bool) -> Option<String> {
+    (enabled && !built_in).then(|| {
+        "amqp.enabled: this smsgw was built without the `amqp` feature; build it with \
+         `cargo build --release --features amqp`, or set enabled = false"
+            .to_owned()
+    })
 }
 
 /// The URL is parsed as the client will parse it when the feature is built in.
@@ -161,14 +163,23 @@ mod tests {
         assert!(problems(&config).contains("amqp.reply_queue: must differ"));
     }
 
-    #[cfg(not(feature = "amqp"))]
     #[test]
     fn enabling_it_without_the_feature_says_so() {
+        let problem = missing_feature(true, false).unwrap_or_default();
+        assert!(
+            problem.starts_with("amqp.enabled: this smsgw was built without the `amqp` feature")
+        );
+        assert_eq!(missing_feature(true, true), None);
+        assert_eq!(missing_feature(false, false), None);
+        // And in this build:
         let config = AmqpConfig {
             enabled: true,
             ..AmqpConfig::default()
         };
-        assert!(problems(&config).contains("built without the `amqp` feature"));
+        assert_eq!(
+            problems(&config).contains("built without"),
+            !cfg!(feature = "amqp")
+        );
     }
 
     #[cfg(feature = "amqp")]
