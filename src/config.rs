@@ -29,6 +29,8 @@ pub struct Config {
     pub carriers: Vec<CarrierConfig>,
     /// Which carriers take which messages, first matching rule wins; none: every carrier.
     pub routes: Vec<RouteConfig>,
+    /// Submissions from a RabbitMQ queue (cargo feature `amqp`).
+    pub amqp: crate::intake::AmqpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -897,6 +899,7 @@ impl Config {
         self.validate_accounts(&mut problems);
         self.validate_carriers(&mut problems);
         self.validate_routes(&mut problems);
+        problems.extend(self.amqp.validate(&self.accounts));
         problems
     }
 

@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod encoding;
+pub mod intake;
 pub mod message;
 pub mod metrics;
 pub mod policy;
@@ -187,6 +188,7 @@ pub async fn run_with_reloads(
         messages: Arc::new(config.messages.clone()),
         prometheus,
     };
+    let intakes = intake::start(&config.amqp, &state, &shutdown);
     let running = config.clone();
     let routed = state.carriers.clone();
     tokio::spawn(async move {
@@ -241,6 +243,9 @@ pub async fn run_with_reloads(
 
     systemd::stopping();
     info!("shutting down: draining binds");
+    for intake in intakes {
+        let _ = intake.await;
+    }
     let _ = dispatcher.await;
     binds.wait().await;
     let _ = webhooks.await;

@@ -55,6 +55,17 @@ pub fn rejected(account: &str, code: &'static str) {
         .increment(1);
 }
 
+/// A submission taken from the RabbitMQ queue, by how it was settled: acked (stored or
+/// refused, and answered), rejected (not a submission: answered and dead-lettered), requeued.
+pub fn amqp_submission(outcome: &'static str) {
+    counter!("smsgw_amqp_submissions_total", "outcome" => outcome).increment(1);
+}
+
+/// 1 while the queue intake is connected to its broker and consuming.
+pub fn amqp_connected(up: bool) {
+    gauge!("smsgw_amqp_connected").set(if up { 1.0 } else { 0.0 });
+}
+
 /// Every status a message enters (refusals by policy included), per account.
 pub fn status_change(account: &str, status: &'static str) {
     counter!("smsgw_message_status_total", "account" => account.to_owned(), "status" => status)

@@ -103,6 +103,11 @@ pub fn apply(live: &Live, router: &Router, running: &Config, new: &Config) {
                 || running.policy.suspect_codes != new.policy.suspect_codes,
         ),
         (
+            "amqp",
+            format!("{:?}", running.amqp) != format!("{:?}", new.amqp)
+                || running.amqp.url != new.amqp.url,
+        ),
+        (
             "privacy",
             running.privacy.pseudonym_key.expose() != new.privacy.pseudonym_key.expose(),
         ),

@@ -162,8 +162,13 @@ impl Accounts {
             .ok()?;
         let key = value
             .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))?
-            .trim();
+            .or_else(|| value.strip_prefix("bearer "))?;
+        self.authenticate_key(key)
+    }
+
+    /// The account of an API key presented otherwise (the queue intake's `api_key` header).
+    pub fn authenticate_key(&self, key: &str) -> Option<Arc<Account>> {
+        let key = key.trim();
         if key.is_empty() {
             return None;
         }

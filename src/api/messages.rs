@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -202,14 +202,49 @@ pub async fn submit(
     let account = authenticate(&state, &headers)?;
     let bytes = super::read_body(&state, body).await?;
     let idempotency_key = idempotency_key(&headers)?;
-    let request_hash = hex::encode(Sha256::digest(&bytes));
+    let answer = submit_body(&state, &account, &bytes, idempotency_key).await?;
+    Ok(answer.into_response())
+}
+
+/// The answer to a submission: its HTTP status and JSON body, and whether it is the first
+/// answer to its idempotency key given again.
+#[derive(Debug)]
+pub(crate) struct SubmitOutcome {
+    pub status: StatusCode,
+    pub body: String,
+    pub replayed: bool,
+}
+
+impl IntoResponse for SubmitOutcome {
+    fn into_response(self) -> Response {
+        let mut response = json_response(self.status, self.body);
+        if self.replayed {
+            response.headers_mut().insert(
+                "idempotent-replayed",
+                axum::http::HeaderValue::from_static("true"),
+            );
+        }
+        response
+    }
+}
+
+/// Submits a body of `POST /v1/messages` (one message or a batch) for `account`: idempotency,
+/// validation, policy and the durable commit. It answers once the messages are committed.
+/// The HTTP API and the queue intake (`crate::intake`) both submit through here.
+pub(crate) async fn submit_body(
+    state: &AppState,
+    account: &Account,
+    bytes: &[u8],
+    idempotency_key: Option<String>,
+) -> Result<SubmitOutcome, ApiError> {
+    let request_hash = hex::encode(Sha256::digest(bytes));
     if let Some(key) = &idempotency_key
         && let Some(first) = state.store.idempotent_answer(&account.name, key).await?
     {
         return replay(first, &request_hash);
     }
-    let parsed = build(&state, &account, &bytes)
-        .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
+    let parsed =
+        build(state, account, bytes).inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
     let idempotency = idempotency_key.map(|key| IdempotencyRequest {
         key,
@@ -230,8 +265,11 @@ pub async fn submit(
             answer,
         } => {
             metrics::accepted(&account.name, stored);
-            let status = StatusCode::from_u16(status_code).unwrap_or(StatusCode::ACCEPTED);
-            Ok(json_response(status, answer))
+            Ok(SubmitOutcome {
+                status: StatusCode::from_u16(status_code).unwrap_or(StatusCode::ACCEPTED),
+                body: answer,
+                replayed: false,
+            })
         }
         SubmitResult::Replay(first) => replay(first, &request_hash),
     }
@@ -303,17 +341,24 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    match value.to_str() {
-        Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Ok(Some(key.to_owned())),
-        _ => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
-        )),
-    }
+    checked_idempotency_key(value.to_str().unwrap_or_default(), "Idempotency-Key").map(Some)
 }
 
-fn replay(first: IdempotentAnswer, request_hash: &str) -> Result<Response, ApiError> {
+/// An idempotency key as given (`name`: the HTTP `Idempotency-Key`, an AMQP `message_id`),
+/// checked.
+pub(crate) fn checked_idempotency_key(key: &str, name: &str) -> Result<String, ApiError> {
+    let visible = |b: u8| b == b'\t' || (b' '..=b'~').contains(&b);
+    if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY && key.bytes().all(visible) {
+        return Ok(key.to_owned());
+    }
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_idempotency_key",
+        format!("{name} must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+    ))
+}
+
+fn replay(first: IdempotentAnswer, request_hash: &str) -> Result<SubmitOutcome, ApiError> {
     if first.request_hash != request_hash {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -321,13 +366,11 @@ fn replay(first: IdempotentAnswer, request_hash: &str) -> Result<Response, ApiEr
             "this Idempotency-Key was used with a different request body",
         ));
     }
-    let status = StatusCode::from_u16(first.status_code).unwrap_or(StatusCode::ACCEPTED);
-    let mut response = json_response(status, first.answer);
-    response.headers_mut().insert(
-        "idempotent-replayed",
-        axum::http::HeaderValue::from_static("true"),
-    );
-    Ok(response)
+    Ok(SubmitOutcome {
+        status: StatusCode::from_u16(first.status_code).unwrap_or(StatusCode::ACCEPTED),
+        body: first.answer,
+        replayed: true,
+    })
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
@@ -341,7 +384,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 
 /// Validates the body (one message, or `{"messages": [...]}`) into what to store and what to
 /// answer. A batch answers per item; its valid items are stored even when others are not.
-fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, ApiError> {
+fn build(state: &AppState, account: &Account, bytes: &[u8]) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))?;
     let now = now_ms();
     let batch = match &value {

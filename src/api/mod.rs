@@ -31,6 +31,9 @@ use crate::router::Router as CarrierRouter;
 use crate::store::Store;
 use auth::{Account, Scope};
 use error::ApiError;
+// The submit path that the queue intake shares with `POST /v1/messages`.
+#[cfg(feature = "amqp")]
+pub(crate) use messages::{SubmitOutcome, checked_idempotency_key, submit_body};
 
 #[derive(Clone)]
 pub struct AppState {

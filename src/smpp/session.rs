@@ -242,7 +242,7 @@ fn limiter(rate: u32) -> DefaultDirectRateLimiter {
 }
 
 /// Up to a quarter less than `delay`, so that binds dropped together do not return together.
-fn with_jitter(delay: Duration) -> Duration {
+pub(crate) fn with_jitter(delay: Duration) -> Duration {
     let factor = rand::rng().random_range(0.75..=1.0);
     delay.mul_f64(factor)
 }
