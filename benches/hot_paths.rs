@@ -237,9 +237,10 @@ fn bench_auth(c: &mut Criterion) {
     group.finish();
 }
 
-/// Not a function of smsgw: the cost of one sqlx statement on a SQLite connection, which the
-/// store's writer pays for every statement it runs (sqlx runs each connection on its own thread
-/// and hands every statement and every row across threads). Compares 100 rows written as 100
+/// Not a function of smsgw: the cost of one statement on a SQLite connection through sqlx (which
+/// runs each connection on its own thread and hands every statement and every row across
+/// threads; the store's readers and, before, its writer) and through rusqlite with a cached
+/// statement on the calling thread (the store's writer now). Compares 100 rows written as 100
 /// statements with the same 100 rows in one multi-row INSERT, in an open transaction (no fsync).
 fn bench_sqlite_statements(c: &mut Criterion) {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
@@ -332,11 +333,47 @@ fn bench_sqlite_statements(c: &mut Criterion) {
             }
         })
     });
-    group.finish();
+    // The same rows as the store's writer now writes them: rusqlite on the calling thread,
+    // a cached prepared statement (a second connection to the same file, its own transaction
+    // after sqlx's is rolled back).
     rt.block_on(async {
         let mut conn = conn.lock().await;
         sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
     });
+    let direct = rusqlite::Connection::open(dir.path().join("bench.db")).unwrap();
+    direct.execute_batch("BEGIN").unwrap();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("rusqlite_cached/1_row", |b| {
+        b.iter(|| {
+            let mut statement = direct.prepare_cached(ONE).unwrap();
+            statement
+                .execute(rusqlite::params![
+                    "01a223dd-7b4b-738d-a599-a25452d8d82e",
+                    1_700_000_000_000i64,
+                    "sent",
+                    Option::<&str>::None
+                ])
+                .unwrap();
+        })
+    });
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.bench_function("rusqlite_cached/100_rows_as_100_statements", |b| {
+        b.iter(|| {
+            for i in 0..ROWS {
+                let mut statement = direct.prepare_cached(ONE).unwrap();
+                statement
+                    .execute(rusqlite::params![
+                        "01a223dd-7b4b-738d-a599-a25452d8d82e",
+                        i as i64,
+                        "sent",
+                        Option::<&str>::None
+                    ])
+                    .unwrap();
+            }
+        })
+    });
+    group.finish();
+    direct.execute_batch("ROLLBACK").unwrap();
 }
 
 /// The cost of the policy check on the submit path: a whole store submit of 100 messages
@@ -410,14 +447,13 @@ fn bench_policy_cost(c: &mut Criterion) {
             })
             .collect()
     };
-    // One connection inside a transaction, as the store's writer runs the lookup.
-    let lookup = rt.block_on(async {
-        use sqlx::Connection;
-        let url = format!("sqlite://{}", db.display());
-        let mut conn = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-        Arc::new(tokio::sync::Mutex::new(conn))
-    });
+    // One connection inside a transaction, as the store's writer runs the lookup (rusqlite,
+    // a cached statement).
+    let lookup = {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        Arc::new(std::sync::Mutex::new(conn))
+    };
 
     let mut group = c.benchmark_group("policy_cost");
     group.throughput(Throughput::Elements(100));
@@ -438,22 +474,17 @@ fn bench_policy_cost(c: &mut Criterion) {
         )
     });
     group.bench_function("policy_lookup_x100", |b| {
-        b.to_async(&rt).iter(|| {
-            let lookup = lookup.clone();
-            let rules = rules.clone();
-            async move {
-                let mut conn = lookup.lock().await;
-                for i in 0..100 {
-                    let recipient = number(50_000 + i);
-                    sqlx::query(FACTS_QUERY)
-                        .bind(&recipient)
-                        .bind("bench")
-                        .bind(rules.number_key(&recipient))
-                        .bind("iP1")
-                        .fetch_one(&mut *conn)
-                        .await
-                        .unwrap();
-                }
+        b.iter(|| {
+            let conn = lookup.lock().unwrap();
+            let mut statement = conn.prepare_cached(FACTS_QUERY).unwrap();
+            for i in 0..100 {
+                let recipient = number(50_000 + i);
+                let key = rules.number_key(&recipient);
+                statement
+                    .query_row(rusqlite::params![recipient, "bench", key, "iP1"], |r| {
+                        r.get::<_, bool>(0)
+                    })
+                    .unwrap();
             }
         })
     });

@@ -56,7 +56,7 @@ pub struct HttpConfig {
     /// Most connections served at once; one more is answered 503 and closed.
     pub max_connections: usize,
     /// Serve the API over TLS (HTTPS) with this certificate and key.
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<HttpTlsConfig>,
 }
 
 impl Default for HttpConfig {
@@ -75,10 +75,10 @@ impl Default for HttpConfig {
     }
 }
 
-/// A certificate chain and its private key, both PEM files.
+/// The HTTP API's certificate chain and its private key, both PEM files.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsConfig {
+pub struct HttpTlsConfig {
     /// The server's certificate, then any intermediates.
     pub cert_file: PathBuf,
     /// Its private key (PKCS#8, PKCS#1 or SEC1).

@@ -356,7 +356,7 @@ async fn unknown_subscriber_results_hold_the_number_until_cleared(store: &dyn St
     assert_eq!(history.failures, 2);
     let held = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
     assert_eq!(status(store, held[0]).await, Status::HeldSuspect);
-    assert!(store.clear_suspect(TO).await.unwrap());
+    assert!(store.clear_suspect(TO, None).await.unwrap());
     assert_eq!(status(store, held[0]).await, Status::Queued);
 }
 

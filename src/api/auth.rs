@@ -149,13 +149,14 @@ impl Accounts {
 
     /// The account of the `Authorization: Bearer` key, if any.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Account>> {
-        self.authenticate_key(headers).map(|(account, _)| account)
+        self.authenticate_bearer(headers)
+            .map(|(account, _)| account)
     }
 
     /// The account and the key of the `Authorization: Bearer` header, if any. Every configured
     /// hash is compared, so the time taken does not tell which account or how many bytes
     /// matched.
-    pub fn authenticate_key(&self, headers: &HeaderMap) -> Option<(Arc<Account>, Arc<ApiKey>)> {
+    pub fn authenticate_bearer(&self, headers: &HeaderMap) -> Option<(Arc<Account>, Arc<ApiKey>)> {
         let value = headers
             .get(axum::http::header::AUTHORIZATION)?
             .to_str()
@@ -166,8 +167,9 @@ impl Accounts {
         self.authenticate_key(key)
     }
 
-    /// The account of an API key presented otherwise (the queue intake's `api_key` header).
-    pub fn authenticate_key(&self, key: &str) -> Option<Arc<Account>> {
+    /// The account and the key of an API key, however it was presented (a Bearer header, the
+    /// queue intake's `api_key` header).
+    pub fn authenticate_key(&self, key: &str) -> Option<(Arc<Account>, Arc<ApiKey>)> {
         let key = key.trim();
         if key.is_empty() {
             return None;
@@ -278,11 +280,11 @@ mod tests {
     #[test]
     fn a_key_has_its_own_scopes() {
         let accounts = accounts();
-        let (account, key) = accounts.authenticate_key(&bearer("key-a-read")).unwrap();
+        let (account, key) = accounts.authenticate_bearer(&bearer("key-a-read")).unwrap();
         assert_eq!(account.name, "a");
         assert!(key.allows(Scope::Read));
         assert!(!key.allows(Scope::Submit));
-        let (_, key) = accounts.authenticate_key(&bearer("key-a")).unwrap();
+        let (_, key) = accounts.authenticate_bearer(&bearer("key-a")).unwrap();
         assert!(Scope::ALL.iter().all(|s| key.allows(*s)));
     }
 

@@ -29,7 +29,7 @@ use crate::config::{HttpConfig, MessagesConfig};
 use crate::metrics;
 use crate::router::Router as CarrierRouter;
 use crate::store::Store;
-use auth::{Account, Scope};
+use auth::{Account, ApiKey, Scope};
 use error::ApiError;
 // The submit path that the queue intake shares with `POST /v1/messages`.
 #[cfg(feature = "amqp")]
@@ -175,57 +175,92 @@ async fn guard(scope: Scope, state: AppState, request: Request, next: Next) -> R
         .live
         .load()
         .accounts
-        .authenticate_key(request.headers())
+        .authenticate_bearer(request.headers())
     else {
         return ApiError::unauthorized().into_response();
     };
-    if !key.allows(scope) {
-        return insufficient_scope(scope);
+    match admit(&account, Some(&key), scope) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
     }
-    let limits = [("key", &key.limit), ("account", &account.limit)];
+}
+
+/// Why a known key may not make a request now.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The key lacks the scope.
+    Scope(Scope),
+    /// The key's or the account's rate limit is reached for `wait`.
+    Rate {
+        which: &'static str,
+        wait: std::time::Duration,
+    },
+}
+
+/// Checks a request of `account` (through `key`, when it came with one) against the key's scope
+/// and the key's and the account's rate limits. Every way in (HTTP, the queue intake) asks
+/// this, so none of them bypasses a limit.
+pub(crate) fn admit(account: &Account, key: Option<&ApiKey>, scope: Scope) -> Result<(), Refusal> {
+    if key.is_some_and(|key| !key.allows(scope)) {
+        return Err(Refusal::Scope(scope));
+    }
+    let limits = [
+        ("key", key.and_then(|key| key.limit.as_ref())),
+        ("account", account.limit.as_ref()),
+    ];
     for (which, limit) in limits {
-        if let Some(Err(wait)) = limit.as_ref().map(limits::RateLimit::check) {
+        if let Some(Err(wait)) = limit.map(limits::RateLimit::check) {
             metrics::rate_limited(&account.name, which);
-            return rate_limited(which, wait);
+            return Err(Refusal::Rate { which, wait });
         }
     }
-    next.run(request).await
+    Ok(())
 }
 
-fn insufficient_scope(scope: Scope) -> Response {
-    let error = ApiError::new(
-        StatusCode::FORBIDDEN,
-        "insufficient_scope",
-        format!(
-            "this API key does not have the scope `{}` that this route needs",
-            scope.as_str()
-        ),
-    );
-    let challenge = format!(
-        "Bearer error=\"insufficient_scope\", scope=\"{}\"",
-        scope.as_str()
-    );
-    let mut response = error.into_response();
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
+impl Refusal {
+    pub(crate) fn error(&self) -> ApiError {
+        match self {
+            Refusal::Scope(scope) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!(
+                    "this API key does not have the scope `{}` that this route needs",
+                    scope.as_str()
+                ),
+            ),
+            Refusal::Rate { which, wait } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "the {which}'s request rate limit is reached; retry in {} s",
+                    limits::retry_after_secs(*wait)
+                ),
+            ),
+        }
     }
-    response
 }
 
-fn rate_limited(which: &str, wait: std::time::Duration) -> Response {
-    let seconds = limits::retry_after_secs(wait);
-    let error = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        format!("the {which}'s request rate limit is reached; retry in {seconds} s"),
-    );
-    let mut response = error.into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    response
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (name, value) = match &self {
+            Refusal::Scope(scope) => (
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_str(&format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+                    scope.as_str()
+                )),
+            ),
+            Refusal::Rate { wait, .. } => (
+                header::RETRY_AFTER,
+                Ok(HeaderValue::from(limits::retry_after_secs(*wait))),
+            ),
+        };
+        let mut response = self.error().into_response();
+        if let Ok(value) = value {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Account>, ApiError> {

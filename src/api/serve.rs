@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::config::{HttpConfig, TlsConfig};
+use crate::config::{HttpConfig, HttpTlsConfig};
 use crate::metrics;
 
 /// Why `http.tls` cannot be used; each names its key.
@@ -50,7 +50,7 @@ pub enum TlsError {
 
 /// Reads the certificate chain and key of `tls` into a server configuration (aws-lc-rs, TLS
 /// 1.2 and 1.3, HTTP/1.1 by ALPN).
-pub fn load_tls(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn load_tls(tls: &HttpTlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(&tls.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|source| TlsError::Key {
         path: tls.key_file.clone(),

@@ -34,9 +34,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::AmqpConfig;
-use crate::api::auth::Account;
+use crate::api::auth::{Account, Scope};
 use crate::api::error::{ApiError, ErrorEnvelope};
-use crate::api::{AppState, SubmitOutcome, checked_idempotency_key, submit_body};
+use crate::api::{AppState, SubmitOutcome, admit, checked_idempotency_key, submit_body};
 use crate::metrics;
 use crate::smpp::session::with_jitter;
 
@@ -278,11 +278,16 @@ impl Intake {
             (Some(key), _) => live
                 .accounts
                 .authenticate_key(&key)
-                .filter(|account| bound.is_none_or(|name| name == account.name)),
-            (None, Some(name)) => live.accounts.find(name).cloned(),
+                .filter(|(account, _)| bound.is_none_or(|name| name == account.name))
+                .map(|(account, key)| (account, Some(key))),
+            (None, Some(name)) => live.accounts.find(name).cloned().map(|a| (a, None)),
             (None, None) => None,
         };
-        found.ok_or_else(|| {
+        if let Some((account, key)) = &found {
+            // The same scope and rate limits as `POST /v1/messages`.
+            admit(account, key.as_deref(), Scope::Submit).map_err(|refusal| refusal.error())?;
+        }
+        found.map(|(account, _)| account).ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -53,6 +53,9 @@ pub enum StoreError {
     /// The database refused or failed (full disk, corruption, I/O): nothing was committed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The same, from the SQLite writer's own connection (rusqlite).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     /// The writer task has stopped (shutdown, or a fatal error logged before).

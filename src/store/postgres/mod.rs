@@ -120,6 +120,7 @@ enum Op {
     },
     ClearSuspect {
         number: String,
+        account: Option<String>,
     },
     Retry {
         id: MessageId,
@@ -458,9 +459,10 @@ impl Store for PostgresStore {
         policy::number_history(&self.readers, account, number).await
     }
 
-    async fn clear_suspect(&self, number: &str) -> Result<bool, StoreError> {
+    async fn clear_suspect(&self, number: &str, account: Option<&str>) -> Result<bool, StoreError> {
         let op = Op::ClearSuspect {
             number: number.to_owned(),
+            account: account.map(str::to_owned),
         };
         self.count(op).await.map(|n| n > 0)
     }
@@ -952,8 +954,8 @@ async fn apply(tx: &mut Tx<'_>, op: &Op, now: i64, wake: &mut Wake) -> Result<Re
         }
         Op::Retry { id, expires_at } => Reply::Count(retry(tx, *id, *expires_at, now, wake).await?),
         Op::CancelAny { id } => Reply::Cancel(cancel(tx, None, *id, now, wake).await?),
-        Op::ClearSuspect { number } => {
-            Reply::Count(policy::clear_suspect(tx, number, now, wake).await?)
+        Op::ClearSuspect { number, account } => {
+            Reply::Count(policy::clear_suspect(tx, number, account.as_deref(), now, wake).await?)
         }
         Op::Purge {
             cutoffs,

@@ -735,9 +735,13 @@ pub(super) async fn reset_failures(tx: &mut Tx<'_>, number: &str) -> Result<(), 
     Ok(())
 }
 
+/// Removes the suspect mark of `number` and queues again the messages it held, of `account`
+/// only when one is given (an account never releases another's messages). Counts the mark and
+/// the messages released.
 pub(super) async fn clear_suspect(
     tx: &mut Tx<'_>,
     number: &str,
+    account: Option<&str>,
     now: i64,
     wake: &mut Wake,
 ) -> Result<u64, StoreError> {
@@ -749,17 +753,18 @@ pub(super) async fn clear_suspect(
     let detail = "the suspect number was cleared; queued again";
     let rows = sqlx::query(
         "UPDATE messages SET status = 'queued', detail = $2, due_at = $3, updated_at = $3
-         WHERE recipient = $1 AND status = 'held_suspect'
+         WHERE recipient = $1 AND status = 'held_suspect' AND ($4::TEXT IS NULL OR account = $4)
          RETURNING id, account, webhook_url, reference",
     )
     .bind(number)
     .bind(detail)
     .bind(now)
+    .bind(account)
     .fetch_all(&mut **tx)
     .await?;
     add_events(tx, &rows, Status::Queued, detail, now, wake).await?;
     wake.queue |= !rows.is_empty();
-    Ok(cleared)
+    Ok(cleared + rows.len() as u64)
 }
 
 /// Erases what an account holds about a number (GDPR art. 17). Opt-outs stay as suppression

@@ -2,10 +2,14 @@
 //! what follows from them (refusing, holding or redirecting waiting messages). Everything runs
 //! inside the writer's transaction, so a decision and what it acts on cannot drift apart.
 
+use rusqlite::params;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
-use super::{Tx, Wake, add_events, insert_message, set_status};
+use super::{
+    ClaimRow, Tx, Wake, add_events, changed_from_row, insert_message, one, optional, rows, run,
+    set_status,
+};
 use crate::encoding;
 use crate::message::{Category, MessageId, Status, rfc3339};
 use crate::policy::number_change::{self, ChangeEvent, ChangeKind, NumberDecision};
@@ -21,8 +25,8 @@ const MAX_REDIRECTS: usize = 3;
 const REPLY_VALIDITY_MS: i64 = 24 * 3600 * 1000;
 
 /// Applies opt-outs, number changes and suspect holds to a message about to be stored.
-pub(super) async fn evaluate(
-    tx: &mut Tx<'_>,
+pub(super) fn evaluate(
+    tx: &Tx,
     policy: &AccountPolicy,
     m: &mut NewMessage,
     now: i64,
@@ -33,7 +37,7 @@ pub(super) async fn evaluate(
     }
     // The usual case costs one statement: three indexed existence checks. The events are read
     // only for a number that has some.
-    let mut facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender).await?;
+    let mut facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender)?;
     // An opt-out belongs to the person: it follows them to their new number.
     let mut opted_out = facts.opted_out;
     // A new number may itself have changed since: follow a short chain, never a loop.
@@ -41,7 +45,7 @@ pub(super) async fn evaluate(
         if !facts.changed {
             break;
         }
-        let events = change_events(tx, &m.account, &m.recipient).await?;
+        let events = change_events(tx, &m.account, &m.recipient)?;
         let follow = policy.follow_number_changes && hop < MAX_REDIRECTS;
         // A change dated before the message is due counts: it would have taken effect by then.
         match number_change::decide(&events, m.consent_at, now.max(m.due_at), follow) {
@@ -62,7 +66,7 @@ pub(super) async fn evaluate(
                     None => note,
                 });
                 m.recipient = to;
-                facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender).await?;
+                facts = Facts::of(tx, wake, &m.account, &m.recipient, &m.sender)?;
                 opted_out |= facts.opted_out;
             }
         }
@@ -97,32 +101,27 @@ const HELD_DETAIL: &str =
 /// sender, category, consent_at, service_messages): a refusal or hold, or None to send.
 /// A number change here refuses; redirects are decided at submission and when a change is
 /// recorded, not in the middle of sending.
-pub(super) async fn recheck(
-    tx: &mut Tx<'_>,
-    row: &sqlx::sqlite::SqliteRow,
+pub(super) fn recheck(
+    tx: &Tx,
+    row: &ClaimRow,
     now: i64,
     wake: &Wake,
 ) -> Result<Option<(Status, String)>, StoreError> {
     let category: Category = row
-        .try_get::<String, _>("category")?
+        .category
         .parse()
         .map_err(|_| StoreError::Corrupt("category".into()))?;
-    let account: String = row.try_get("account")?;
-    let recipient: String = row.try_get("recipient")?;
-    let sender: String = row.try_get("sender")?;
-    let facts = Facts::of(tx, wake, &account, &recipient, &sender).await?;
+    let facts = Facts::of(tx, wake, &row.account, &row.recipient, &row.sender)?;
     if facts.changed {
-        let events = change_events(tx, &account, &recipient).await?;
-        let consent_at: Option<i64> = row.try_get("consent_at")?;
+        let events = change_events(tx, &row.account, &row.recipient)?;
         if let NumberDecision::Refuse { kind, effective_at } =
-            number_change::decide(&events, consent_at, now, false)
+            number_change::decide(&events, row.consent_at, now, false)
         {
             let detail = refusal_detail(kind, effective_at);
             return Ok(Some((Status::RefusedNumberChanged, detail)));
         }
     }
-    let service: bool = row.try_get("service_messages")?;
-    if opt_out::decide(category, facts.opted_out, service) == SendDecision::Refuse {
+    if opt_out::decide(category, facts.opted_out, row.service_messages) == SendDecision::Refuse {
         let detail = "the recipient opted out of messages from this sender";
         return Ok(Some((Status::RefusedOptedOut, detail.into())));
     }
@@ -157,46 +156,49 @@ pub const FACTS_QUERY: &str = "SELECT
      EXISTS (SELECT 1 FROM suspects WHERE number = ?1 AND suspect = 1) AS suspect";
 
 impl Facts {
-    async fn of(
-        tx: &mut Tx<'_>,
+    fn of(
+        tx: &Tx,
         wake: &Wake,
         account: &str,
         recipient: &str,
         sender: &str,
     ) -> Result<Facts, StoreError> {
-        let row = sqlx::query(FACTS_QUERY)
-            .bind(recipient)
-            .bind(account)
-            .bind(wake.rules.number_key(recipient))
-            .bind(sender)
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(Facts {
-            changed: row.try_get("changed")?,
-            opted_out: row.try_get("opted_out")?,
-            suspect: row.try_get("suspect")?,
-        })
+        let key = wake.rules.number_key(recipient);
+        one(
+            tx,
+            FACTS_QUERY,
+            params![recipient, account, key, sender],
+            |r| {
+                Ok(Facts {
+                    changed: r.get("changed")?,
+                    opted_out: r.get("opted_out")?,
+                    suspect: r.get("suspect")?,
+                })
+            },
+        )
     }
 }
 
-async fn change_events(
-    tx: &mut Tx<'_>,
-    account: &str,
-    number: &str,
-) -> Result<Vec<ChangeEvent>, StoreError> {
-    let rows = sqlx::query(
+fn change_events(tx: &Tx, account: &str, number: &str) -> Result<Vec<ChangeEvent>, StoreError> {
+    let found = rows(
+        tx,
         "SELECT kind, new_number, effective_at FROM number_changes
          WHERE number = ?1 AND (account IS NULL OR account = ?2)",
-    )
-    .bind(number)
-    .bind(account)
-    .fetch_all(&mut **tx)
-    .await?;
-    rows.iter()
-        .map(|r| {
+        params![number, account],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        },
+    )?;
+    found
+        .into_iter()
+        .map(|(kind, new_number, effective_at)| {
             Ok(ChangeEvent {
-                kind: change_kind(&r.try_get::<String, _>("kind")?, r.try_get("new_number")?)?,
-                effective_at: r.try_get("effective_at")?,
+                kind: change_kind(&kind, new_number)?,
+                effective_at,
             })
         })
         .collect()
@@ -210,29 +212,27 @@ fn change_kind(kind: &str, new_number: Option<String>) -> Result<ChangeKind, Sto
     }
 }
 
-async fn is_opted_out(
-    tx: &mut Tx<'_>,
+fn is_opted_out(
+    tx: &Tx,
     wake: &Wake,
     account: &str,
     number: &str,
     sender: &str,
 ) -> Result<bool, StoreError> {
-    let found: Option<i64> = sqlx::query_scalar(
+    let found: Option<i64> = optional(
+        tx,
         "SELECT 1 FROM opt_outs WHERE account = ?1 AND number_key = ?2 AND sender IN ('', ?3)",
-    )
-    .bind(account)
-    .bind(wake.rules.number_key(number))
-    .bind(sender)
-    .fetch_optional(&mut **tx)
-    .await?;
+        params![account, wake.rules.number_key(number), sender],
+        |r| r.get(0),
+    )?;
     Ok(found.is_some())
 }
 
 /// Acts on a reply keyword (STOP, START, HELP ...) from `from` to our number `to`; returns the
 /// keyword's name for the inbound webhook. At most one confirmation is sent: a second STOP to
 /// an opted-out number gets none.
-pub(super) async fn on_inbound(
-    tx: &mut Tx<'_>,
+pub(super) fn on_inbound(
+    tx: &Tx,
     owner: &InboundOwner,
     from: &str,
     to: &str,
@@ -248,7 +248,7 @@ pub(super) async fn on_inbound(
         source: "inbound",
         actor: None,
     };
-    let opted_out = is_opted_out(tx, wake, &owner.account, from, ours).await?;
+    let opted_out = is_opted_out(tx, wake, &owner.account, from, ours)?;
     let (name, reply) = match keyword {
         Keyword::OptOut | Keyword::OptOutAll => {
             let scope = (keyword == Keyword::OptOut).then_some(ours);
@@ -261,16 +261,15 @@ pub(super) async fn on_inbound(
                 &owner.policy,
                 now,
                 wake,
-            )
-            .await?;
+            )?;
             (
                 "opt_out",
                 (!opted_out).then_some(&owner.keywords.opt_out_reply),
             )
         }
         Keyword::OptIn => {
-            let removed = remove(tx, &owner.account, from, Some(ours), &by, now, wake).await?
-                + remove(tx, &owner.account, from, Some(""), &by, now, wake).await?;
+            let removed = remove(tx, &owner.account, from, Some(ours), &by, now, wake)?
+                + remove(tx, &owner.account, from, Some(""), &by, now, wake)?;
             (
                 "opt_in",
                 (removed > 0).then_some(&owner.keywords.opt_in_reply),
@@ -279,7 +278,7 @@ pub(super) async fn on_inbound(
         Keyword::Help => ("help", (!opted_out).then_some(&owner.keywords.help_reply)),
     };
     if let Some(text) = reply.filter(|_| from.starts_with('+')) {
-        send_reply(tx, owner, from, ours, text, name, now, wake).await?;
+        send_reply(tx, owner, from, ours, text, name, now, wake)?;
     }
     Ok(Some(name))
 }
@@ -287,8 +286,8 @@ pub(super) async fn on_inbound(
 /// Queues the automatic answer to a keyword. It is a service message from the number the
 /// keyword was sent to, and it skips the opt-out check: it confirms the opt-out itself.
 #[allow(clippy::too_many_arguments)]
-async fn send_reply(
-    tx: &mut Tx<'_>,
+fn send_reply(
+    tx: &Tx,
     owner: &InboundOwner,
     to: &str,
     from: &str,
@@ -318,11 +317,11 @@ async fn send_reply(
         expires_at: now + REPLY_VALIDITY_MS,
     };
     // The confirmation of an opt-out goes to an opted-out number by design.
-    insert_message(tx, &reply, true, now, wake).await
+    insert_message(tx, &reply, true, now, wake)
 }
 
-pub(super) async fn add_opt_outs(
-    tx: &mut Tx<'_>,
+pub(super) fn add_opt_outs(
+    tx: &Tx,
     account: &str,
     entries: &[(String, Option<String>)],
     by: &OptOutSource,
@@ -333,7 +332,7 @@ pub(super) async fn add_opt_outs(
     let mut added = 0;
     for (number, sender) in entries {
         let sender = sender.as_deref().map(|s| s.trim_start_matches('+'));
-        if add_one(tx, account, number, sender, by, policy, now, wake).await? {
+        if add_one(tx, account, number, sender, by, policy, now, wake)? {
             added += 1;
         }
     }
@@ -343,8 +342,8 @@ pub(super) async fn add_opt_outs(
 /// Adds one opt-out (`sender` None: every sender of the account), journals it, and refuses the
 /// waiting messages it covers. False when it was there already.
 #[allow(clippy::too_many_arguments)]
-async fn add_one(
-    tx: &mut Tx<'_>,
+fn add_one(
+    tx: &Tx,
     account: &str,
     number: &str,
     sender: Option<&str>,
@@ -355,48 +354,36 @@ async fn add_one(
 ) -> Result<bool, StoreError> {
     let key = wake.rules.number_key(number);
     let scope = sender.unwrap_or("");
-    let inserted = sqlx::query(
+    let inserted = run(
+        tx,
         "INSERT INTO opt_outs (account, number_key, number, sender, source, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-    )
-    .bind(account)
-    .bind(&key)
-    .bind(number)
-    .bind(scope)
-    .bind(by.source)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+        params![account, key, number, scope, by.source, now],
+    )?;
     if inserted == 0 {
         return Ok(false);
     }
-    journal(tx, account, &key, number, scope, "opt_out", by, now).await?;
+    journal(tx, account, &key, number, scope, "opt_out", by, now)?;
     wake.clock.bump();
     crate::metrics::opt_out("opt_out", by.source);
     let detail = "the recipient opted out of messages from this sender";
     // Waiting messages (not yet out) that the opt-out covers.
-    let rows = sqlx::query(
+    let changed = rows(
+        tx,
         "UPDATE messages SET status = 'refused_opted_out', detail = ?5, updated_at = ?6
          WHERE recipient = ?1 AND account = ?2
            AND status IN ('queued', 'scheduled', 'held_suspect')
            AND (?3 = '' OR sender = ?3) AND (category = 'marketing' OR NOT ?4)
          RETURNING id, account, webhook_url, reference",
-    )
-    .bind(number)
-    .bind(account)
-    .bind(scope)
-    .bind(policy.service_messages)
-    .bind(detail)
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?;
-    add_events(tx, &rows, Status::RefusedOptedOut, detail, now, wake).await?;
+        params![number, account, scope, policy.service_messages, detail, now],
+        changed_from_row,
+    )?;
+    add_events(tx, &changed, Status::RefusedOptedOut, detail, now, wake)?;
     Ok(true)
 }
 
-pub(super) async fn remove_opt_out(
-    tx: &mut Tx<'_>,
+pub(super) fn remove_opt_out(
+    tx: &Tx,
     account: &str,
     number: &str,
     sender: Option<&str>,
@@ -405,12 +392,12 @@ pub(super) async fn remove_opt_out(
     wake: &mut Wake,
 ) -> Result<u64, StoreError> {
     let sender = sender.map(|s| s.trim_start_matches('+'));
-    remove(tx, account, number, sender, by, now, wake).await
+    remove(tx, account, number, sender, by, now, wake)
 }
 
 /// Removes opt-outs of a number: one scope, or (`sender` None) all of them.
-async fn remove(
-    tx: &mut Tx<'_>,
+fn remove(
+    tx: &Tx,
     account: &str,
     number: &str,
     sender: Option<&str>,
@@ -419,26 +406,23 @@ async fn remove(
     wake: &mut Wake,
 ) -> Result<u64, StoreError> {
     let key = wake.rules.number_key(number);
-    let removed = sqlx::query(
+    let removed = rows(
+        tx,
         "DELETE FROM opt_outs WHERE account = ?1 AND number_key = ?2 AND (?3 IS NULL OR sender = ?3)
          RETURNING sender",
-    )
-    .bind(account)
-    .bind(&key)
-    .bind(sender)
-    .fetch_all(&mut **tx)
-    .await?;
-    for row in &removed {
-        let scope: String = row.try_get("sender")?;
-        journal(tx, account, &key, number, &scope, "opt_in", by, now).await?;
+        params![account, key, sender],
+        |r| r.get::<_, String>(0),
+    )?;
+    for scope in &removed {
+        journal(tx, account, &key, number, scope, "opt_in", by, now)?;
         crate::metrics::opt_out("opt_in", by.source);
     }
     Ok(removed.len() as u64)
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn journal(
-    tx: &mut Tx<'_>,
+fn journal(
+    tx: &Tx,
     account: &str,
     key: &str,
     number: &str,
@@ -447,20 +431,12 @@ async fn journal(
     by: &OptOutSource,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    run(
+        tx,
         "INSERT INTO opt_out_journal (account, number_key, number, sender, action, source, actor, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )
-    .bind(account)
-    .bind(key)
-    .bind(number)
-    .bind(sender)
-    .bind(action)
-    .bind(by.source)
-    .bind(&by.actor)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+        params![account, key, number, sender, action, by.source, by.actor, now],
+    )?;
     Ok(())
 }
 
@@ -544,8 +520,8 @@ pub(super) async fn list_opt_outs(
 
 /// Records number changes and applies those in effect to the waiting messages for the
 /// number: refused, or redirected for accounts that follow changes.
-pub(super) async fn add_number_changes(
-    tx: &mut Tx<'_>,
+pub(super) fn add_number_changes(
+    tx: &Tx,
     changes: &[NumberChange],
     follow: &[String],
     now: i64,
@@ -557,69 +533,72 @@ pub(super) async fn add_number_changes(
             ChangeKind::Changed { new_number } => Some(new_number.as_str()),
             ChangeKind::Deactivated => None,
         };
-        sqlx::query(
+        run(
+            tx,
             "INSERT INTO number_changes (account, number, kind, new_number, effective_at, source,
                  created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(&change.account)
-        .bind(&change.number)
-        .bind(change.kind.as_str())
-        .bind(new_number)
-        .bind(change.effective_at)
-        .bind(&change.source)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+            params![
+                change.account,
+                change.number,
+                change.kind.as_str(),
+                new_number,
+                change.effective_at,
+                change.source,
+                now
+            ],
+        )?;
         crate::metrics::number_change(change.kind.as_str());
         if change.effective_at <= now {
             wake.clock.bump();
         } else {
             wake.clock.expect_change_at(change.effective_at);
         }
-        affected += apply_change(tx, change, follow, now, wake).await?;
+        affected += apply_change(tx, change, follow, now, wake)?;
     }
     Ok(affected)
 }
 
-async fn apply_change(
-    tx: &mut Tx<'_>,
+fn apply_change(
+    tx: &Tx,
     change: &NumberChange,
     follow: &[String],
     now: i64,
     wake: &mut Wake,
 ) -> Result<u64, StoreError> {
-    let waiting = sqlx::query(
+    let waiting = rows(
+        tx,
         "SELECT id, account, consent_at FROM messages
          WHERE recipient = ?1 AND status IN ('queued', 'scheduled', 'held_suspect')
            AND (?2 IS NULL OR account = ?2)",
-    )
-    .bind(&change.number)
-    .bind(&change.account)
-    .fetch_all(&mut **tx)
-    .await?;
+        params![change.number, change.account],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+            ))
+        },
+    )?;
     let event = [ChangeEvent {
         kind: change.kind.clone(),
         effective_at: change.effective_at,
     }];
     let mut affected = 0;
-    for row in &waiting {
-        let id: String = row.try_get("id")?;
-        let account: String = row.try_get("account")?;
-        let consent_at: Option<i64> = row.try_get("consent_at")?;
-        let follows = follow.contains(&account);
-        let (status, detail) = match number_change::decide(&event, consent_at, now, follows) {
+    for (id, account, consent_at) in &waiting {
+        let follows = follow.contains(account);
+        let (status, detail) = match number_change::decide(&event, *consent_at, now, follows) {
             NumberDecision::Send => continue,
             NumberDecision::Refuse { kind, effective_at } => (
                 Status::RefusedNumberChanged,
                 refusal_detail(kind, effective_at),
             ),
             NumberDecision::Redirect { to, effective_at } => {
-                sqlx::query("UPDATE messages SET recipient = ?2 WHERE id = ?1")
-                    .bind(&id)
-                    .bind(&to)
-                    .execute(&mut **tx)
-                    .await?;
+                run(
+                    tx,
+                    "UPDATE messages SET recipient = ?2 WHERE id = ?1",
+                    params![id, to],
+                )?;
                 let detail = format!(
                     "redirected from {} to {to}: the number changed at {}",
                     change.number,
@@ -628,7 +607,7 @@ async fn apply_change(
                 (Status::Queued, detail)
             }
         };
-        set_status(tx, &id, status, &detail, now, wake).await?;
+        set_status(tx, id, status, &detail, now, wake)?;
         wake.queue |= status == Status::Queued;
         affected += 1;
     }
@@ -681,32 +660,32 @@ pub(super) async fn number_history(
 
 /// Counts a permanent "unknown subscriber" result; at the threshold the number becomes
 /// suspect and its waiting messages are held.
-pub(super) async fn count_failure(
-    tx: &mut Tx<'_>,
+pub(super) fn count_failure(
+    tx: &Tx,
     number: &str,
     code: &str,
     now: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
     super::MaybeRows::set(&wake.maybe.suspects, true);
-    let row = sqlx::query(
+    let (failures, suspect): (i64, i64) = one(
+        tx,
         "INSERT INTO suspects (number, failures, suspect, updated_at) VALUES (?1, 1, 0, ?2)
          ON CONFLICT (number) DO UPDATE SET failures = failures + 1, updated_at = ?2
          RETURNING failures, suspect",
-    )
-    .bind(number)
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await?;
-    let failures = row.try_get::<i64, _>("failures")? as u32;
-    let already = row.try_get::<i64, _>("suspect")? == 1;
+        params![number, now],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let failures = failures as u32;
+    let already = suspect == 1;
     if already || !number_change::is_suspect(failures, wake.rules.suspect_after) {
         return Ok(());
     }
-    sqlx::query("UPDATE suspects SET suspect = 1 WHERE number = ?1")
-        .bind(number)
-        .execute(&mut **tx)
-        .await?;
+    run(
+        tx,
+        "UPDATE suspects SET suspect = 1 WHERE number = ?1",
+        [number],
+    )?;
     wake.clock.bump();
     tracing::warn!(
         number = %wake.rules.pseudonyms.pseudonym(number),
@@ -714,135 +693,112 @@ pub(super) async fn count_failure(
         code,
         "number marked suspect after repeated unknown-subscriber results; its messages are held"
     );
-    let rows = sqlx::query(
+    let changed = rows(
+        tx,
         "UPDATE messages SET status = 'held_suspect', detail = ?2, updated_at = ?3
          WHERE recipient = ?1 AND status IN ('queued', 'scheduled')
          RETURNING id, account, webhook_url, reference",
-    )
-    .bind(number)
-    .bind(HELD_DETAIL)
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?;
-    add_events(tx, &rows, Status::HeldSuspect, HELD_DETAIL, now, wake).await
+        params![number, HELD_DETAIL, now],
+        changed_from_row,
+    )?;
+    add_events(tx, &changed, Status::HeldSuspect, HELD_DETAIL, now, wake)
 }
 
 /// A delivery shows the number works: failures counted so far no longer add up.
-pub(super) async fn reset_failures(
-    tx: &mut Tx<'_>,
-    number: &str,
-    wake: &Wake,
-) -> Result<(), StoreError> {
+pub(super) fn reset_failures(tx: &Tx, number: &str, wake: &Wake) -> Result<(), StoreError> {
     if !super::MaybeRows::get(&wake.maybe.suspects) {
         return Ok(());
     }
-    sqlx::query("DELETE FROM suspects WHERE number = ?1 AND suspect = 0")
-        .bind(number)
-        .execute(&mut **tx)
-        .await?;
+    run(
+        tx,
+        "DELETE FROM suspects WHERE number = ?1 AND suspect = 0",
+        [number],
+    )?;
     Ok(())
 }
 
 /// Removes the suspect mark of `number` and queues again the messages it held, of `account`
 /// only when one is given (an account never releases another's messages). Counts the mark and
 /// the messages released.
-pub(super) async fn clear_suspect(
-    tx: &mut Tx<'_>,
+pub(super) fn clear_suspect(
+    tx: &Tx,
     number: &str,
     account: Option<&str>,
     now: i64,
     wake: &mut Wake,
 ) -> Result<u64, StoreError> {
-    let cleared = sqlx::query("DELETE FROM suspects WHERE number = ?1")
-        .bind(number)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+    let cleared = run(tx, "DELETE FROM suspects WHERE number = ?1", [number])?;
     let detail = "the suspect number was cleared; queued again";
-    let rows = sqlx::query(
+    let changed = rows(
+        tx,
         "UPDATE messages SET status = 'queued', detail = ?2, due_at = ?3, updated_at = ?3
          WHERE recipient = ?1 AND status = 'held_suspect' AND (?4 IS NULL OR account = ?4)
          RETURNING id, account, webhook_url, reference",
-    )
-    .bind(number)
-    .bind(detail)
-    .bind(now)
-    .bind(account)
-    .fetch_all(&mut **tx)
-    .await?;
-    add_events(tx, &rows, Status::Queued, detail, now, wake).await?;
-    wake.queue |= !rows.is_empty();
-    Ok(cleared + rows.len() as u64)
+        params![number, detail, now, account],
+        changed_from_row,
+    )?;
+    add_events(tx, &changed, Status::Queued, detail, now, wake)?;
+    wake.queue |= !changed.is_empty();
+    Ok(cleared + changed.len() as u64)
 }
 
 /// Erases what an account holds about a number (GDPR art. 17). Opt-outs stay as suppression
 /// entries under the number's pseudonym, so that the erasure does not undo the opt-out.
-pub(super) async fn erase_subject(
-    tx: &mut Tx<'_>,
+pub(super) fn erase_subject(
+    tx: &Tx,
     account: &str,
     number: &str,
     wake: &mut Wake,
 ) -> Result<Erasure, StoreError> {
-    sqlx::query(
+    run(
+        tx,
         "DELETE FROM events WHERE message_id IN
              (SELECT id FROM messages WHERE account = ?1 AND recipient = ?2)",
-    )
-    .bind(account)
-    .bind(number)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
+        [account, number],
+    )?;
+    run(
+        tx,
         "DELETE FROM parts WHERE message_id IN
              (SELECT id FROM messages WHERE account = ?1 AND recipient = ?2)",
-    )
-    .bind(account)
-    .bind(number)
-    .execute(&mut **tx)
-    .await?;
+        [account, number],
+    )?;
     // Webhooks not yet posted may carry the number (inbound `from`) or its messages.
-    sqlx::query(
+    run(
+        tx,
         "DELETE FROM webhooks WHERE account = ?1
            AND (json_extract(payload, '$.from') = ?2
                 OR json_extract(payload, '$.message_id') IN
                    (SELECT id FROM messages WHERE account = ?1 AND recipient = ?2))",
-    )
-    .bind(account)
-    .bind(number)
-    .execute(&mut **tx)
-    .await?;
-    let messages = sqlx::query("DELETE FROM messages WHERE account = ?1 AND recipient = ?2")
-        .bind(account)
-        .bind(number)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    let inbound = sqlx::query("DELETE FROM inbound WHERE account = ?1 AND sender = ?2")
-        .bind(account)
-        .bind(number)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+        [account, number],
+    )?;
+    let messages = run(
+        tx,
+        "DELETE FROM messages WHERE account = ?1 AND recipient = ?2",
+        [account, number],
+    )?;
+    let inbound = run(
+        tx,
+        "DELETE FROM inbound WHERE account = ?1 AND sender = ?2",
+        [account, number],
+    )?;
     // Number changes stay: like an opt-out, they protect whoever holds the number now.
-    let number_changes_kept: i64 = sqlx::query_scalar(
+    let number_changes_kept: i64 = one(
+        tx,
         "SELECT COUNT(*) FROM number_changes WHERE account = ?1 AND number = ?2",
-    )
-    .bind(account)
-    .bind(number)
-    .fetch_one(&mut **tx)
-    .await?;
+        [account, number],
+        |r| r.get(0),
+    )?;
     let key = wake.rules.number_key(number);
-    let suppressions_kept =
-        sqlx::query("UPDATE opt_outs SET number = NULL WHERE account = ?1 AND number_key = ?2")
-            .bind(account)
-            .bind(&key)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-    sqlx::query("UPDATE opt_out_journal SET number = NULL WHERE account = ?1 AND number_key = ?2")
-        .bind(account)
-        .bind(&key)
-        .execute(&mut **tx)
-        .await?;
+    let suppressions_kept = run(
+        tx,
+        "UPDATE opt_outs SET number = NULL WHERE account = ?1 AND number_key = ?2",
+        [account, key.as_str()],
+    )?;
+    run(
+        tx,
+        "UPDATE opt_out_journal SET number = NULL WHERE account = ?1 AND number_key = ?2",
+        [account, key.as_str()],
+    )?;
     Ok(Erasure {
         messages,
         inbound,

@@ -1,9 +1,9 @@
 //! The store's side of receipt diagnosis and query_sm: which ids exist, giving up parked
 //! receipts, and finding parts whose receipt never came.
 
-use sqlx::Row;
+use rusqlite::params;
 
-use super::{Tx, parse_id};
+use super::{Tx, parse_id, rows, run};
 use crate::store::{ParkedReceipt, ReceiptQuery, StoreError};
 
 pub(super) async fn known_carrier_ids(
@@ -23,64 +23,66 @@ pub(super) async fn known_carrier_ids(
     Ok(known)
 }
 
-pub(super) async fn take_unmatched(
-    tx: &mut Tx<'_>,
+pub(super) fn take_unmatched(
+    tx: &Tx,
     carrier: &str,
     received_before: i64,
 ) -> Result<Vec<ParkedReceipt>, StoreError> {
-    let rows = sqlx::query(
+    rows(
+        tx,
         "DELETE FROM early_receipts WHERE carrier = ?1 AND received_at < ?2
          RETURNING carrier_message_id, state, error_code, received_at",
-    )
-    .bind(carrier)
-    .bind(received_before)
-    .fetch_all(&mut **tx)
-    .await?;
-    rows.iter()
-        .map(|row| {
+        params![carrier, received_before],
+        |r| {
             Ok(ParkedReceipt {
-                carrier_message_id: row.try_get("carrier_message_id")?,
-                state: row.try_get("state")?,
-                error_code: row.try_get("error_code")?,
-                received_at: row.try_get("received_at")?,
+                carrier_message_id: r.get(0)?,
+                state: r.get(1)?,
+                error_code: r.get(2)?,
+                received_at: r.get(3)?,
             })
-        })
-        .collect()
+        },
+    )
 }
 
-pub(super) async fn claim_queries(
-    tx: &mut Tx<'_>,
+pub(super) fn claim_queries(
+    tx: &Tx,
     carrier: &str,
     accepted_before: i64,
     limit: u32,
     now: i64,
 ) -> Result<Vec<ReceiptQuery>, StoreError> {
     // Open parts: no final state yet ('submitted', or an intermediate receipt's state).
-    let rows = sqlx::query(
+    let open = rows(
+        tx,
         "SELECT p.rowid, p.message_id, p.part,
                 COALESCE(p.submitted_id, p.carrier_message_id) AS id, m.sender
          FROM parts p JOIN messages m ON m.id = p.message_id
          WHERE p.carrier = ?1 AND m.status = 'sent' AND p.state IN ('submitted', 'scheduled', 'enroute', 'accepted')
            AND p.updated_at < ?2 AND (p.queried_at IS NULL OR p.queried_at < ?2)
          ORDER BY p.updated_at LIMIT ?3",
-    )
-    .bind(carrier)
-    .bind(accepted_before)
-    .bind(limit as i64)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut queries = Vec::with_capacity(rows.len());
-    for row in &rows {
-        sqlx::query("UPDATE parts SET queried_at = ?2 WHERE rowid = ?1")
-            .bind(row.try_get::<i64, _>("rowid")?)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+        params![carrier, accepted_before, limit as i64],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        },
+    )?;
+    let mut queries = Vec::with_capacity(open.len());
+    for (rowid, message_id, part, id, sender) in open {
+        run(
+            tx,
+            "UPDATE parts SET queried_at = ?2 WHERE rowid = ?1",
+            params![rowid, now],
+        )?;
         queries.push(ReceiptQuery {
-            message_id: parse_id(&row.try_get::<String, _>("message_id")?)?,
-            part: row.try_get::<i64, _>("part")? as u32,
-            carrier_message_id: row.try_get("id")?,
-            sender: row.try_get("sender")?,
+            message_id: parse_id(&message_id)?,
+            part: part as u32,
+            carrier_message_id: id,
+            sender,
         });
     }
     Ok(queries)
