@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,6 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Account;
 use super::error::{ApiError, ErrorEnvelope};
 use super::{AppState, authenticate};
+use crate::config::{HttpConfig, MessagesConfig};
 use crate::encoding::{self, Encoding};
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
 use crate::metrics;
@@ -208,7 +209,7 @@ pub async fn submit(
     {
         return replay(first, &request_hash);
     }
-    let parsed = build(&state, &account, &bytes)
+    let parsed = parse_submission(&state.http, &state.messages, &account, &bytes)
         .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
     let idempotency = idempotency_key.map(|key| IdempotencyRequest {
@@ -239,11 +240,12 @@ pub async fn submit(
 
 /// A validated request: the messages to store, and where the items that failed validation
 /// stand in a batch.
-struct Parsed {
-    batch: bool,
-    messages: Vec<NewMessage>,
+#[derive(Debug)]
+pub struct Parsed {
+    pub batch: bool,
+    pub messages: Vec<NewMessage>,
     /// One entry per item: the validation error, or None for the next stored message.
-    items: Vec<Option<ApiError>>,
+    pub items: Vec<Option<ApiError>>,
 }
 
 impl Parsed {
@@ -341,7 +343,13 @@ fn json_response(status: StatusCode, body: String) -> Response {
 
 /// Validates the body (one message, or `{"messages": [...]}`) into what to store and what to
 /// answer. A batch answers per item; its valid items are stored even when others are not.
-fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, ApiError> {
+/// Pure (no store, no network): `fuzz/fuzz_targets/submit_body.rs` feeds it arbitrary bytes.
+pub fn parse_submission(
+    http: &HttpConfig,
+    limits: &MessagesConfig,
+    account: &Account,
+    bytes: &[u8],
+) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))?;
     let now = now_ms();
     let batch = match &value {
@@ -367,7 +375,7 @@ fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, A
         _ => {
             let request: SubmitRequest =
                 serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
-            let message = validate(state, account, request, now)?;
+            let message = validate(limits, account, request, now)?;
             return Ok(Parsed {
                 batch: false,
                 messages: vec![message],
@@ -375,7 +383,7 @@ fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, A
             });
         }
     };
-    let max = state.http.max_batch;
+    let max = http.max_batch;
     if batch.is_empty() || batch.len() > max {
         return Err(ApiError::invalid(
             "invalid_batch_size",
@@ -391,7 +399,7 @@ fn build(state: &AppState, account: &Account, bytes: &Bytes) -> Result<Parsed, A
     for item in batch {
         let result = serde_json::from_value::<SubmitRequest>(item.clone())
             .map_err(|e| ApiError::from_json(&e))
-            .and_then(|request| validate(state, account, request, now));
+            .and_then(|request| validate(limits, account, request, now));
         match result {
             Ok(message) => {
                 parsed.messages.push(message);
@@ -420,7 +428,7 @@ fn accepted(message: &NewMessage) -> Accepted {
 }
 
 fn validate(
-    state: &AppState,
+    limits: &MessagesConfig,
     account: &Account,
     request: SubmitRequest,
     now: i64,
@@ -458,7 +466,7 @@ fn validate(
         ));
     }
     let plan = encoding::plan(&request.text);
-    let max_segments = state.messages.max_segments;
+    let max_segments = limits.max_segments;
     if plan.segments > max_segments {
         return Err(ApiError::invalid(
             "text_too_long",
@@ -497,8 +505,8 @@ fn validate(
         ));
     }
     let validity = match request.valid_for.as_deref() {
-        None => state.messages.default_validity,
-        Some(text) => parse_validity(text, state.messages.max_validity)?,
+        None => limits.default_validity,
+        Some(text) => parse_validity(text, limits.max_validity)?,
     };
     if let Some(url) = &request.callback_url {
         check_callback_url(url)?;

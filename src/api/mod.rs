@@ -7,6 +7,8 @@ mod messages;
 pub mod openapi;
 pub mod policy;
 
+pub use messages::{Parsed, parse_submission};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
