@@ -416,6 +416,11 @@ impl Daemon {
         panic!("the daemon did not start listening");
     }
 
+    /// The log lines written since the last call (for a failing test to show).
+    pub fn new_logs(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
+    }
+
     /// SIGKILL: no drain, no unbind, nothing flushed; as a crash or an OOM kill.
     pub fn kill(mut self) {
         let _ = self.child.kill();
