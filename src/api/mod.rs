@@ -209,7 +209,8 @@ async fn healthz() -> &'static str {
 #[derive(Serialize, ToSchema)]
 #[schema(example = json!({"store": "ok", "carriers": {"simulated": {"binds_up": 1}}}))]
 struct Readiness {
-    /// `ok` or `unavailable`.
+    /// `ok`, `full` (the disk is full: nothing new can be stored; reads still answer) or
+    /// `unavailable`.
     store: &'static str,
     carriers: BTreeMap<String, CarrierReadiness>,
 }
@@ -233,7 +234,8 @@ struct CarrierReadiness {
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let store_ok = state.store.ping().await.is_ok();
+    let disk_full = state.store.disk_full();
+    let store_ok = !disk_full && state.store.ping().await.is_ok();
     let carriers = state
         .carriers
         .carriers()
@@ -250,7 +252,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = Readiness {
-        store: if store_ok { "ok" } else { "unavailable" },
+        store: match (store_ok, disk_full) {
+            (true, _) => "ok",
+            (false, true) => "full",
+            (false, false) => "unavailable",
+        },
         carriers,
     };
     (status, axum::Json(body)).into_response()

@@ -40,6 +40,8 @@ pub struct SqliteStore {
     signals: Arc<Signals>,
     stop: CancellationToken,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// When the writer last failed a write for a full disk (ms; 0: never).
+    disk_full_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 struct Job {
@@ -272,12 +274,17 @@ impl SqliteStore {
         let writer = SqliteConnection::connect_with(&options).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
         let signals = Arc::new(Signals::default());
         let (jobs, rx) = mpsc::channel(max_batch * 4);
         let stop = CancellationToken::new();
         let rules = Arc::new(rules);
+        let disk_full_at = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let recovery = Recovery {
+            options: options.clone(),
+            disk_full_at: disk_full_at.clone(),
+        };
         let handle = tokio::spawn(run_writer(
             writer,
             rx,
@@ -285,6 +292,7 @@ impl SqliteStore {
             signals.clone(),
             rules.clone(),
             stop.clone(),
+            recovery,
         ));
         Ok(SqliteStore {
             jobs,
@@ -293,6 +301,7 @@ impl SqliteStore {
             signals,
             stop,
             writer: Mutex::new(Some(handle)),
+            disk_full_at,
         })
     }
 
@@ -731,6 +740,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn disk_full(&self) -> bool {
+        let at = self.disk_full_at.load(std::sync::atomic::Ordering::SeqCst);
+        at > 0 && now_ms() - at < DISK_FULL_HOLD_MS
+    }
+
     fn signals(&self) -> &Arc<Signals> {
         &self.signals
     }
@@ -744,6 +758,43 @@ impl Store for SqliteStore {
     }
 }
 
+/// How long `/readyz` reports a full disk after the last write it failed (the `Retry-After`
+/// of the 503 it caused): long enough to be seen, short enough to clear by itself.
+const DISK_FULL_HOLD_MS: i64 = 5_000;
+
+/// What the writer needs to get over a failed transaction: a way to open a fresh connection,
+/// and where to say that the disk is full.
+struct Recovery {
+    options: SqliteConnectOptions,
+    /// When a write last failed for a full disk (ms; 0: never).
+    disk_full_at: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Recovery {
+    /// Replaces the writer's connection after a failed transaction. SQLite rolls a transaction
+    /// back by itself on SQLITE_FULL and on I/O errors; sqlx does not know, its ROLLBACK then
+    /// fails, and the connection refuses every later BEGIN (`InvalidSavePointStatement`): the
+    /// store would stay unwritable after space returned. A fresh connection has no such state.
+    /// If it cannot be opened, the old one is kept and the next failure tries again.
+    async fn after_failure(&self, conn: &mut SqliteConnection, error: &StoreError) {
+        if error.is_disk_full() {
+            let before = self
+                .disk_full_at
+                .swap(now_ms(), std::sync::atomic::Ordering::SeqCst);
+            if now_ms() - before > DISK_FULL_HOLD_MS {
+                tracing::error!("the disk is full: nothing new can be stored until space returns");
+            }
+        }
+        match SqliteConnection::connect_with(&self.options).await {
+            Ok(fresh) => {
+                let old = std::mem::replace(conn, fresh);
+                let _ = old.close().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "reopening the store's writer connection failed"),
+        }
+    }
+}
+
 async fn run_writer(
     mut conn: SqliteConnection,
     mut jobs: mpsc::Receiver<Job>,
@@ -751,6 +802,7 @@ async fn run_writer(
     signals: Arc<Signals>,
     rules: Arc<StoreRules>,
     stop: CancellationToken,
+    recovery: Recovery,
 ) {
     let clock = Arc::new(PolicyClock {
         generation: std::sync::atomic::AtomicI64::new(1),
@@ -793,14 +845,25 @@ async fn run_writer(
                     let _ = job.reply.send(Ok(reply));
                 }
             }
+            // Alone, each would fail the same way: they all fail now, and the writer goes on.
+            Err(error) if error.is_disk_full() => {
+                recovery.after_failure(&mut conn, &error).await;
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::DiskFull));
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
+                recovery.after_failure(&mut conn, &error).await;
                 wake = Wake::new(&rules, &clock, &maybe);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
                         .await
                         .map(|mut replies| replies.pop().unwrap_or(Reply::Done));
+                    if let Err(error) = &result {
+                        recovery.after_failure(&mut conn, error).await;
+                    }
                     let _ = job.reply.send(result);
                 }
             }
