@@ -21,7 +21,7 @@ use crate::config::{HttpConfig, MessagesConfig};
 use crate::encoding::{self, Encoding};
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
 use crate::metrics;
-use crate::router::Facts;
+use crate::router::{Facts, RouteTable};
 use crate::store::{
     AccountPolicy, CancelResult, IdempotencyRequest, IdempotentAnswer, ListFilter, MessageView,
     NewMessage, RenderAnswer, SubmitResult,
@@ -209,7 +209,13 @@ pub async fn submit(
     {
         return replay(first, &request_hash);
     }
-    let parsed = parse_submission(&state.http, &state.messages, &account, &bytes)
+    let routes = state.carriers.table();
+    let rules = SubmitRules {
+        http: &state.http,
+        messages: &state.messages,
+        routes: &routes,
+    };
+    let parsed = parse_submission(&rules, &account, &bytes)
         .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
     let idempotency = idempotency_key.map(|key| IdempotencyRequest {
@@ -341,12 +347,18 @@ fn json_response(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
+/// What a submission is checked against: the limits and the routes in force.
+pub struct SubmitRules<'a> {
+    pub http: &'a HttpConfig,
+    pub messages: &'a MessagesConfig,
+    pub routes: &'a RouteTable,
+}
+
 /// Validates the body (one message, or `{"messages": [...]}`) into what to store and what to
 /// answer. A batch answers per item; its valid items are stored even when others are not.
 /// Pure (no store, no network): `fuzz/fuzz_targets/submit_body.rs` feeds it arbitrary bytes.
 pub fn parse_submission(
-    http: &HttpConfig,
-    limits: &MessagesConfig,
+    rules: &SubmitRules<'_>,
     account: &Account,
     bytes: &[u8],
 ) -> Result<Parsed, ApiError> {
@@ -375,7 +387,7 @@ pub fn parse_submission(
         _ => {
             let request: SubmitRequest =
                 serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
-            let message = validate(limits, account, request, now)?;
+            let message = validate(rules, account, request, now)?;
             return Ok(Parsed {
                 batch: false,
                 messages: vec![message],
@@ -383,7 +395,7 @@ pub fn parse_submission(
             });
         }
     };
-    let max = http.max_batch;
+    let max = rules.http.max_batch;
     if batch.is_empty() || batch.len() > max {
         return Err(ApiError::invalid(
             "invalid_batch_size",
@@ -399,7 +411,7 @@ pub fn parse_submission(
     for item in batch {
         let result = serde_json::from_value::<SubmitRequest>(item.clone())
             .map_err(|e| ApiError::from_json(&e))
-            .and_then(|request| validate(limits, account, request, now));
+            .and_then(|request| validate(rules, account, request, now));
         match result {
             Ok(message) => {
                 parsed.messages.push(message);
@@ -428,7 +440,7 @@ fn accepted(message: &NewMessage) -> Accepted {
 }
 
 fn validate(
-    limits: &MessagesConfig,
+    rules: &SubmitRules<'_>,
     account: &Account,
     request: SubmitRequest,
     now: i64,
@@ -451,7 +463,7 @@ fn validate(
         category: request.category,
     };
     // Refused now rather than held for a route that may never come: the application hears it.
-    if !state.carriers.table().has_route(&facts) {
+    if !rules.routes.has_route(&facts) {
         return Err(ApiError::invalid(
             "no_route",
             "to",
@@ -466,7 +478,7 @@ fn validate(
         ));
     }
     let plan = encoding::plan(&request.text);
-    let max_segments = limits.max_segments;
+    let max_segments = rules.messages.max_segments;
     if plan.segments > max_segments {
         return Err(ApiError::invalid(
             "text_too_long",
@@ -505,8 +517,8 @@ fn validate(
         ));
     }
     let validity = match request.valid_for.as_deref() {
-        None => limits.default_validity,
-        Some(text) => parse_validity(text, limits.max_validity)?,
+        None => rules.messages.default_validity,
+        Some(text) => parse_validity(text, rules.messages.max_validity)?,
     };
     if let Some(url) = &request.callback_url {
         check_callback_url(url)?;

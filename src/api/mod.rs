@@ -7,7 +7,7 @@ mod messages;
 pub mod openapi;
 pub mod policy;
 
-pub use messages::{Parsed, parse_submission};
+pub use messages::{Parsed, SubmitRules, parse_submission};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
