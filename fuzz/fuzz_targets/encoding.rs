@@ -37,7 +37,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     for part in &parts {
-        assert!(part.len() <= max_part(encoding), "a part of {} octets", part.len());
+        assert!(
+            part.len() <= max_part(encoding),
+            "a part of {} octets",
+            part.len()
+        );
     }
     let multipart = parts.len() > 1;
     let mut reassembled = String::new();

@@ -9,12 +9,19 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     if let Some(receipt) = parse_text(&text) {
         // A value is one token: no whitespace, no "key:" swallowed into it.
-        for value in [Some(&receipt.id), receipt.stat.as_ref(), receipt.err.as_ref()]
-            .into_iter()
-            .flatten()
+        for value in [
+            Some(&receipt.id),
+            receipt.stat.as_ref(),
+            receipt.err.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             assert!(!value.is_empty(), "empty value in {text:?}");
-            assert!(!value.contains(char::is_whitespace), "{value:?} in {text:?}");
+            assert!(
+                !value.contains(char::is_whitespace),
+                "{value:?} in {text:?}"
+            );
             assert!(!value.contains(':'), "{value:?} in {text:?}");
         }
         let key = normalize_id(&receipt.id);
