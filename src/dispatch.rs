@@ -18,7 +18,7 @@ use crate::metrics;
 use crate::router::{Facts, NoRoute, Router};
 use crate::smpp::status::{StatusClass, classify, describe};
 use crate::smpp::{Carrier, SubmitOutcome, submit_pdus, validity_period};
-use crate::store::{AcceptedPart, AttemptResult, Claimed, Next, Store};
+use crate::store::{AcceptedPart, AttemptResult, Claimed, Next, Store, StoreError};
 
 /// How long a message waits when no carrier of its route can take it.
 const NO_CARRIER_DELAY_MS: i64 = 2_000;
@@ -31,6 +31,9 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// How often to look for a bind when none is up.
 const NO_CARRIER_POLL: Duration = Duration::from_millis(200);
+/// First and longest wait before storing an attempt's result again.
+const RECORD_RETRY_MIN: Duration = Duration::from_millis(200);
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct Dispatcher {
     pub store: Arc<dyn Store>,
@@ -70,7 +73,7 @@ impl Dispatcher {
                 match this.store.claim_due(room.min(512), lease_until).await {
                     Ok(claimed) if !claimed.is_empty() => {
                         for message in claimed {
-                            in_flight.spawn(this.clone().send(message));
+                            in_flight.spawn(this.clone().send(message, shutdown.clone()));
                         }
                         continue;
                     }
@@ -118,13 +121,38 @@ impl Dispatcher {
     }
 
     /// One attempt at one message; records its result.
-    async fn send(self: Arc<Self>, message: Claimed) {
+    async fn send(self: Arc<Self>, message: Claimed, shutdown: CancellationToken) {
         let result = self.attempt(&message).await;
         debug!(id = %message.id, next = ?result.next, "attempt done");
-        if let Err(e) = self.store.record_attempts(vec![result]).await {
-            // The lease returns it to the queue (`release_expired_claims`); parts the carrier
-            // accepted may then be sent again.
-            error!(id = %message.id, error = %e, "recording an attempt failed");
+        self.record(result, &shutdown).await;
+    }
+
+    /// Stores an attempt's result, trying again while the store refuses it (a full disk): the
+    /// carrier may have accepted the message, and a result never stored sends it again when its
+    /// lease ends. Gives up at shutdown or after half the lease; the lease then returns the
+    /// message to the queue (`release_expired_claims`), and parts the carrier accepted may be
+    /// sent again.
+    async fn record(&self, result: AttemptResult, shutdown: &CancellationToken) {
+        let give_up = Instant::now() + self.lease / 2;
+        let mut delay = RECORD_RETRY_MIN;
+        loop {
+            let error = match self.store.record_attempts(vec![result.clone()]).await {
+                Ok(()) => return,
+                Err(error) => error,
+            };
+            let closed = matches!(error, StoreError::Closed);
+            if closed || shutdown.is_cancelled() || Instant::now() + delay > give_up {
+                error!(id = %result.id, %error, "recording an attempt failed; its lease will queue it again");
+                return;
+            }
+            if delay == RECORD_RETRY_MIN {
+                warn!(id = %result.id, %error, "recording an attempt failed; trying again");
+            }
+            tokio::select! {
+                () = sleep(delay) => {}
+                () = shutdown.cancelled() => {}
+            }
+            delay = (delay * 2).min(RECORD_RETRY_MAX);
         }
     }
 

@@ -17,10 +17,11 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Account;
 use super::error::{ApiError, ErrorEnvelope};
 use super::{AppState, authenticate};
+use crate::config::{HttpConfig, MessagesConfig};
 use crate::encoding::{self, Encoding};
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
 use crate::metrics;
-use crate::router::Facts;
+use crate::router::{Facts, RouteTable};
 use crate::store::{
     AccountPolicy, CancelResult, IdempotencyRequest, IdempotentAnswer, ListFilter, MessageView,
     NewMessage, RenderAnswer, SubmitResult,
@@ -243,8 +244,14 @@ pub(crate) async fn submit_body(
     {
         return replay(first, &request_hash);
     }
-    let parsed =
-        build(state, account, bytes).inspect_err(|e| metrics::rejected(&account.name, e.code))?;
+    let routes = state.carriers.table();
+    let rules = SubmitRules {
+        http: &state.http,
+        messages: &state.messages,
+        routes: &routes,
+    };
+    let parsed = parse_submission(&rules, account, bytes)
+        .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
     let idempotency = idempotency_key.map(|key| IdempotencyRequest {
         key,
@@ -277,11 +284,12 @@ pub(crate) async fn submit_body(
 
 /// A validated request: the messages to store, and where the items that failed validation
 /// stand in a batch.
-struct Parsed {
-    batch: bool,
-    messages: Vec<NewMessage>,
+#[derive(Debug)]
+pub struct Parsed {
+    pub batch: bool,
+    pub messages: Vec<NewMessage>,
     /// One entry per item: the validation error, or None for the next stored message.
-    items: Vec<Option<ApiError>>,
+    pub items: Vec<Option<ApiError>>,
 }
 
 impl Parsed {
@@ -382,9 +390,21 @@ fn json_response(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
+/// What a submission is checked against: the limits and the routes in force.
+pub struct SubmitRules<'a> {
+    pub http: &'a HttpConfig,
+    pub messages: &'a MessagesConfig,
+    pub routes: &'a RouteTable,
+}
+
 /// Validates the body (one message, or `{"messages": [...]}`) into what to store and what to
 /// answer. A batch answers per item; its valid items are stored even when others are not.
-fn build(state: &AppState, account: &Account, bytes: &[u8]) -> Result<Parsed, ApiError> {
+/// Pure (no store, no network): `fuzz/fuzz_targets/submit_body.rs` feeds it arbitrary bytes.
+pub fn parse_submission(
+    rules: &SubmitRules<'_>,
+    account: &Account,
+    bytes: &[u8],
+) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))?;
     let now = now_ms();
     let batch = match &value {
@@ -410,7 +430,7 @@ fn build(state: &AppState, account: &Account, bytes: &[u8]) -> Result<Parsed, Ap
         _ => {
             let request: SubmitRequest =
                 serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
-            let message = validate(state, account, request, now)?;
+            let message = validate(rules, account, request, now)?;
             return Ok(Parsed {
                 batch: false,
                 messages: vec![message],
@@ -418,7 +438,7 @@ fn build(state: &AppState, account: &Account, bytes: &[u8]) -> Result<Parsed, Ap
             });
         }
     };
-    let max = state.http.max_batch;
+    let max = rules.http.max_batch;
     if batch.is_empty() || batch.len() > max {
         return Err(ApiError::invalid(
             "invalid_batch_size",
@@ -434,7 +454,7 @@ fn build(state: &AppState, account: &Account, bytes: &[u8]) -> Result<Parsed, Ap
     for item in batch {
         let result = serde_json::from_value::<SubmitRequest>(item.clone())
             .map_err(|e| ApiError::from_json(&e))
-            .and_then(|request| validate(state, account, request, now));
+            .and_then(|request| validate(rules, account, request, now));
         match result {
             Ok(message) => {
                 parsed.messages.push(message);
@@ -463,7 +483,7 @@ fn accepted(message: &NewMessage) -> Accepted {
 }
 
 fn validate(
-    state: &AppState,
+    rules: &SubmitRules<'_>,
     account: &Account,
     request: SubmitRequest,
     now: i64,
@@ -486,7 +506,7 @@ fn validate(
         category: request.category,
     };
     // Refused now rather than held for a route that may never come: the application hears it.
-    if !state.carriers.table().has_route(&facts) {
+    if !rules.routes.has_route(&facts) {
         return Err(ApiError::invalid(
             "no_route",
             "to",
@@ -501,7 +521,7 @@ fn validate(
         ));
     }
     let plan = encoding::plan(&request.text);
-    let max_segments = state.messages.max_segments;
+    let max_segments = rules.messages.max_segments;
     if plan.segments > max_segments {
         return Err(ApiError::invalid(
             "text_too_long",
@@ -540,8 +560,8 @@ fn validate(
         ));
     }
     let validity = match request.valid_for.as_deref() {
-        None => state.messages.default_validity,
-        Some(text) => parse_validity(text, state.messages.max_validity)?,
+        None => rules.messages.default_validity,
+        Some(text) => parse_validity(text, rules.messages.max_validity)?,
     };
     if let Some(url) = &request.callback_url {
         check_callback_url(url)?;

@@ -9,6 +9,8 @@ pub mod openapi;
 pub mod policy;
 pub mod serve;
 
+pub use messages::{Parsed, SubmitRules, parse_submission};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -346,7 +348,8 @@ async fn healthz() -> &'static str {
 #[derive(Serialize, ToSchema)]
 #[schema(example = json!({"store": "ok", "carriers": {"simulated": {"binds_up": 1}}}))]
 struct Readiness {
-    /// `ok` or `unavailable`.
+    /// `ok`, `full` (the disk is full: nothing new can be stored; reads still answer) or
+    /// `unavailable`.
     store: &'static str,
     carriers: BTreeMap<String, CarrierReadiness>,
 }
@@ -370,7 +373,8 @@ struct CarrierReadiness {
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let store_ok = state.store.ping().await.is_ok();
+    let disk_full = state.store.disk_full();
+    let store_ok = !disk_full && state.store.ping().await.is_ok();
     let carriers = state
         .carriers
         .carriers()
@@ -387,7 +391,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = Readiness {
-        store: if store_ok { "ok" } else { "unavailable" },
+        store: match (store_ok, disk_full) {
+            (true, _) => "ok",
+            (false, true) => "full",
+            (false, false) => "unavailable",
+        },
         carriers,
     };
     (status, axum::Json(body)).into_response()

@@ -7,9 +7,11 @@
 //! ESME at tens of thousands of submit_sm per second.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     str::FromStr,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -42,6 +44,11 @@ const OUTBOUND_CAPACITY: usize = 4096;
 const BATCH: usize = 256;
 /// Highest sequence number; ours wrap back to 1 after it (SMPP 3.4 §5.1.4).
 const MAX_SEQUENCE: u32 = 0x7FFF_FFFF;
+/// deliver_sm written and not yet answered that one session remembers for redelivery; beyond
+/// this (an ESME that never answers) further ones are fire-and-forget.
+const UNACKED_CAPACITY: usize = 100_000;
+/// How long a deliver_sm answered with an error waits before it is sent again.
+const REDELIVER_AFTER: Duration = Duration::from_secs(1);
 
 /// The byte stream of one connection: plain TCP or TLS.
 pub(super) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -130,12 +137,14 @@ pub(super) async fn serve(
         bind: None,
         next_sequence: 1,
         v50: false,
+        unacked: BTreeMap::new(),
         config,
         config_generation,
     };
     let end = session.run(&shutdown, &link).await;
 
     shared.unregister(id);
+    session.redeliver_unacked();
     if let Some(kind) = session.bind.take() {
         shared.counters.bound.fetch_sub(1, Ordering::Relaxed);
         kind.counter(&shared.counters)
@@ -171,6 +180,9 @@ struct Session {
     next_sequence: u32,
     /// Bound with interface_version 5.0: may be sent 5.0 TLVs such as congestion_state.
     v50: bool,
+    /// deliver_sm written but not answered, by sequence number: a store-and-forward SMSC sends
+    /// them again when the link drops or the ESME answers with an error.
+    unacked: BTreeMap<u32, DeliverSm>,
     config: Arc<SimConfig>,
     config_generation: u64,
 }
@@ -285,11 +297,11 @@ impl Session {
                 Ok(Flow::Close(End::Unbound))
             }
             _ if id == CommandId::DeliverSmResp => {
-                // Receipts and MOs are fire-and-forget here; the count is enough for tests.
                 self.shared
                     .counters
                     .deliver_resps
                     .fetch_add(1, Ordering::Relaxed);
+                self.on_deliver_sm_resp(sequence, status);
                 Ok(Flow::Continue)
             }
             // generic_nack and every other response (enquire_link_resp, unbind_resp, …) need no
@@ -548,6 +560,48 @@ impl Session {
         self.config.silent
     }
 
+    /// An answered deliver_sm is done; one answered with an error is sent again a little later
+    /// (on any receiving session), as a store-and-forward SMSC retries.
+    fn on_deliver_sm_resp(&mut self, sequence: u32, status: CommandStatus) {
+        let Some(pdu) = self.unacked.remove(&sequence) else {
+            return;
+        };
+        if status == CommandStatus::EsmeRok {
+            return;
+        }
+        tracing::debug!(
+            connection = self.id,
+            sequence,
+            ?status,
+            "simulated carrier: deliver_sm refused, sending it again later"
+        );
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(REDELIVER_AFTER).await;
+            shared.deliver(None, pdu).await;
+        });
+    }
+
+    /// The link is gone: what it never acknowledged goes to another receiving session, or waits
+    /// for the next one that binds. Called after `unregister`, so never back to this session.
+    fn redeliver_unacked(&mut self) {
+        let unacked = std::mem::take(&mut self.unacked);
+        if unacked.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            connection = self.id,
+            count = unacked.len(),
+            "simulated carrier: redelivering unacknowledged deliver_sm"
+        );
+        for pdu in unacked.into_values() {
+            if let Err(pdu) = self.shared.try_deliver(pdu) {
+                let shared = Arc::clone(&self.shared);
+                tokio::spawn(async move { shared.deliver(None, *pdu).await });
+            }
+        }
+    }
+
     /// Picks up a config replaced by `SimHandle::set_config` (one atomic load when unchanged).
     fn refresh_config(&mut self) {
         if self.shared.config_generation.load(Ordering::Acquire) != self.config_generation {
@@ -579,6 +633,9 @@ impl Session {
             esm_class = u8::from(pdu.esm_class),
             "simulated carrier sent deliver_sm"
         );
+        if self.unacked.len() < UNACKED_CAPACITY {
+            self.unacked.insert(sequence, pdu.clone());
+        }
         self.framed
             .feed(Command::new(CommandStatus::EsmeRok, sequence, pdu))
             .await?;

@@ -12,7 +12,9 @@
 //! `message_state` TLVs, SMPP 3.4 Appendix B text) after [`SimConfig::receipt_delay`]. Receipts go
 //! back on the submitting session if it can receive, else on any bound receiver/transceiver;
 //! if none is bound they are parked and flushed to the next receiver that binds, as a store and
-//! forward SMSC would.
+//! forward SMSC would. A deliver_sm the ESME answers with an error is sent again a second later,
+//! and one still unanswered when its link drops goes to the next receiver (so an ESME that
+//! crashes before storing a receipt gets it again).
 
 mod config;
 mod connection;

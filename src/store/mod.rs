@@ -58,6 +58,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// The disk is full: nothing was committed.
+    #[error("the disk is full")]
+    DiskFull,
     /// The writer task has stopped (shutdown, or a fatal error logged before).
     #[error("the store is shut down")]
     Closed,
@@ -377,6 +380,19 @@ pub struct StoreRules {
     pub suspect_codes: Vec<String>,
 }
 
+impl StoreError {
+    /// The disk (or the filesystem's quota) is full: SQLITE_FULL, or ENOSPC from the OS.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => e.code().as_deref() == Some("13"),
+            StoreError::Database(sqlx::Error::Io(e)) => e.kind() == std::io::ErrorKind::StorageFull,
+            StoreError::Sqlite(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            StoreError::DiskFull => true,
+            _ => false,
+        }
+    }
+}
+
 impl StoreRules {
     /// The opt-out key of a number: the full HMAC, so that it stays unique.
     pub fn number_key(&self, number: &str) -> String {
@@ -611,6 +627,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the database can be read (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// True while writes fail because the disk is full (one failed within the last few
+    /// seconds): reads still answer, nothing new can be accepted (for `/readyz`).
+    fn disk_full(&self) -> bool {
+        false
+    }
 
     fn signals(&self) -> &Arc<Signals>;
 

@@ -403,3 +403,91 @@ pub fn temp_db() -> (tempfile::TempDir, PathBuf) {
     let db = dir.path().join("smsgw.db");
     (dir, db)
 }
+
+/// The real `smsgw run` binary, as systemd runs it, with its JSON log lines on a channel.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub url: String,
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts the binary on `config_path` and waits (up to 30 s) until its API listens.
+    pub fn start(config_path: &Path) -> Daemon {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smsgw"))
+            .args(["run", "--config", &config_path.display().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("the smsgw binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (lines, logs) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let Ok(line) = logs.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&line).unwrap_or_default();
+            if event["fields"]["message"] == "HTTP API listening"
+                && let Some(address) = event["fields"]["address"].as_str()
+            {
+                let url = format!("http://{address}");
+                return Daemon { child, url, logs };
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the daemon did not start listening");
+    }
+
+    /// The log lines written since the last call (for a failing test to show).
+    pub fn new_logs(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
+    }
+
+    /// SIGKILL: no drain, no unbind, nothing flushed; as a crash or an OOM kill.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (up to 30 s) for a clean exit.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the daemon") {
+                assert!(status.success(), "the daemon exited with {status}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed test must not leave the process behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

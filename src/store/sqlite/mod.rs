@@ -13,6 +13,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,6 +62,8 @@ pub struct SqliteStore {
     rules: Arc<StoreRules>,
     signals: Arc<Signals>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// When the writer last failed a write for a full disk (ms; 0: never).
+    disk_full_at: Arc<AtomicI64>,
 }
 
 /// What the writer thread receives: work, or the order to stop once the work sent before it
@@ -339,16 +342,29 @@ impl SqliteStore {
         let writer = open_writer(path)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
         let signals = Arc::new(Signals::default());
         let (jobs, rx) = mpsc::channel(max_batch * 4);
         let rules = Arc::new(rules);
+        let disk_full_at = Arc::new(AtomicI64::new(0));
+        let recovery = Recovery {
+            disk_full_at: disk_full_at.clone(),
+        };
         let thread_signals = signals.clone();
         let thread_rules = rules.clone();
         let handle = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run_writer(writer, rx, max_batch, thread_signals, thread_rules))
+            .spawn(move || {
+                run_writer(
+                    writer,
+                    rx,
+                    max_batch,
+                    thread_signals,
+                    thread_rules,
+                    recovery,
+                )
+            })
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         Ok(SqliteStore {
             jobs,
@@ -356,6 +372,7 @@ impl SqliteStore {
             rules,
             signals,
             writer: Mutex::new(Some(handle)),
+            disk_full_at,
         })
     }
 
@@ -793,6 +810,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn disk_full(&self) -> bool {
+        let at = self.disk_full_at.load(Ordering::SeqCst);
+        at > 0 && now_ms() - at < DISK_FULL_HOLD_MS
+    }
+
     fn signals(&self) -> &Arc<Signals> {
         &self.signals
     }
@@ -818,12 +840,42 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection, StoreError> {
     Ok(conn)
 }
 
+/// How long `/readyz` reports a full disk after the last write it failed (the `Retry-After`
+/// of the 503 it caused): long enough to be seen, short enough to clear by itself.
+const DISK_FULL_HOLD_MS: i64 = 5_000;
+
+/// What the writer does after a failed transaction.
+struct Recovery {
+    /// When a write last failed for a full disk (ms; 0: never).
+    disk_full_at: Arc<AtomicI64>,
+}
+
+impl Recovery {
+    /// Says when the disk is full, and leaves the connection with no transaction open: SQLite
+    /// rolls a transaction back by itself on SQLITE_FULL and on I/O errors, and one it did not
+    /// roll back must not stay open either, or the store stays unwritable after space returns.
+    fn after_failure(&self, conn: &rusqlite::Connection, error: &StoreError) {
+        if error.is_disk_full() {
+            let before = self.disk_full_at.swap(now_ms(), Ordering::SeqCst);
+            if now_ms() - before > DISK_FULL_HOLD_MS {
+                tracing::error!("the disk is full: nothing new can be stored until space returns");
+            }
+        }
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(error = %e, "rolling back the store's failed transaction failed");
+        }
+    }
+}
+
 fn run_writer(
     mut conn: rusqlite::Connection,
     mut jobs: mpsc::Receiver<Message>,
     max_batch: usize,
     signals: Arc<Signals>,
     rules: Arc<StoreRules>,
+    recovery: Recovery,
 ) {
     let clock = Arc::new(PolicyClock {
         generation: std::sync::atomic::AtomicI64::new(1),
@@ -867,13 +919,24 @@ fn run_writer(
                     let _ = job.reply.send(Ok(reply));
                 }
             }
+            // Alone, each would fail the same way: they all fail now, and the writer goes on.
+            Err(error) if error.is_disk_full() => {
+                recovery.after_failure(&conn, &error);
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::DiskFull));
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
+                recovery.after_failure(&conn, &error);
                 wake = Wake::new(&rules, &clock, &maybe);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
                         .map(|mut replies| replies.pop().unwrap_or(Reply::Done));
+                    if let Err(error) = &result {
+                        recovery.after_failure(&conn, error);
+                    }
                     let _ = job.reply.send(result);
                 }
             }
