@@ -6,6 +6,7 @@
 //! own callers (HTTP 202, deliver_sm_resp) only after that.
 
 pub mod postgres;
+mod shared;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -15,6 +15,7 @@
 //! submit_sm_resp was not yet stored are matched again by a periodic sweep, since the two may
 //! be committed at the same time by two instances.
 
+use crate::store::shared::*;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -1613,54 +1614,6 @@ async fn carrier_feedback(
     }
 }
 
-/// What the parts of a multi-part message have reached.
-struct Parts {
-    /// SMS segments (the billing count).
-    segments: i64,
-    /// submit_sm recorded; fewer than `segments` when the carrier takes the whole text in one
-    /// message_payload.
-    submitted: i64,
-    delivered: i64,
-    /// Every submit_sm of the message was accepted (it is `sent`).
-    all_submitted: bool,
-}
-
-impl Parts {
-    /// How many submit_sm (and receipts) the message takes, as far as known.
-    fn submits(&self) -> i64 {
-        if self.all_submitted {
-            self.submitted
-        } else {
-            self.segments
-        }
-    }
-}
-
-/// The message status once a final receipt for one part is in: delivered when every part is,
-/// undelivered or expired as soon as one part is (DOMAIN.md §3.6).
-fn rolled_up_status(parts: &Parts, latest: ReceiptState) -> Option<Status> {
-    match latest {
-        ReceiptState::Delivered => {
-            let every_part = parts.delivered >= parts.segments
-                || (parts.all_submitted && parts.delivered >= parts.submitted);
-            every_part.then_some(Status::Delivered)
-        }
-        ReceiptState::Expired => Some(Status::Expired),
-        _ => Some(Status::Undelivered),
-    }
-}
-
-fn receipt_detail(part: i64, segments: i64, receipt: &Receipt) -> String {
-    let mut detail = format!("receipt: {}", receipt.state.as_str());
-    if segments > 1 {
-        detail.push_str(&format!(" (part {part} of {segments})"));
-    }
-    if let Some(err) = &receipt.error_code {
-        detail.push_str(&format!(", error {err}"));
-    }
-    detail
-}
-
 async fn store_inbound(
     tx: &mut Tx<'_>,
     carrier: &str,
@@ -1728,14 +1681,6 @@ async fn release(tx: &mut Tx<'_>, all: bool, now: i64, wake: &mut Wake) -> Resul
         wake.queue = true;
     }
     Ok(rows.len() as u64)
-}
-
-/// What is left of a number after the retention period.
-fn anonymous(rules: &StoreRules, number: &str) -> String {
-    if number.starts_with('~') {
-        return number.to_owned();
-    }
-    format!("~{}", rules.pseudonyms.pseudonym(number))
 }
 
 /// The retention purge. Ids are UUIDv7, so "created before" is an id range on the primary
@@ -2114,40 +2059,4 @@ fn idempotent_from_row(row: &PgRow) -> Result<IdempotentAnswer, StoreError> {
         status_code: row.try_get::<i64, _>("status_code")? as u16,
         answer: row.try_get("answer")?,
     })
-}
-
-fn parse_id(s: &str) -> Result<MessageId, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("message id `{s}`")))
-}
-
-fn parse_status(s: &str) -> Result<Status, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("status `{s}`")))
-}
-
-fn parse_encoding(s: &str) -> Result<Encoding, StoreError> {
-    match s {
-        "gsm7" => Ok(Encoding::Gsm7),
-        "ucs2" => Ok(Encoding::Ucs2),
-        _ => Err(StoreError::Corrupt(format!("encoding `{s}`"))),
-    }
-}
-
-fn parse_receipt_state(s: &str) -> Result<ReceiptState, StoreError> {
-    const ALL: [ReceiptState; 10] = [
-        ReceiptState::Scheduled,
-        ReceiptState::Enroute,
-        ReceiptState::Delivered,
-        ReceiptState::Expired,
-        ReceiptState::Deleted,
-        ReceiptState::Undeliverable,
-        ReceiptState::Accepted,
-        ReceiptState::Unknown,
-        ReceiptState::Rejected,
-        ReceiptState::Skipped,
-    ];
-    ALL.into_iter()
-        .find(|state| state.as_str() == s)
-        .ok_or_else(|| StoreError::Corrupt(format!("receipt state `{s}`")))
 }

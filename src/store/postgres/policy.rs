@@ -2,6 +2,7 @@
 //! what follows from them (refusing, holding or redirecting waiting messages). Everything runs
 //! inside the writer's transaction, so a decision and what it acts on cannot drift apart.
 
+use crate::store::shared::*;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 
@@ -132,14 +133,6 @@ pub(super) async fn recheck(
     Ok(None)
 }
 
-/// Why a message was refused for a number change (history and API answer).
-fn refusal_detail(kind: &str, effective_at: i64) -> String {
-    format!(
-        "the number was {kind} at {}, after the recipient's consent",
-        rfc3339(effective_at)
-    )
-}
-
 /// What the store knows about a message's recipient that the policy needs.
 struct Facts {
     changed: bool,
@@ -200,14 +193,6 @@ async fn change_events(
             })
         })
         .collect()
-}
-
-fn change_kind(kind: &str, new_number: Option<String>) -> Result<ChangeKind, StoreError> {
-    match (kind, new_number) {
-        ("deactivated", _) => Ok(ChangeKind::Deactivated),
-        ("changed", Some(new_number)) => Ok(ChangeKind::Changed { new_number }),
-        _ => Err(StoreError::Corrupt(format!("number change kind `{kind}`"))),
-    }
 }
 
 async fn is_opted_out(

@@ -2,6 +2,7 @@
 //! what follows from them (refusing, holding or redirecting waiting messages). Everything runs
 //! inside the writer's transaction, so a decision and what it acts on cannot drift apart.
 
+use crate::store::shared::*;
 use rusqlite::params;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
@@ -131,14 +132,6 @@ pub(super) fn recheck(
     Ok(None)
 }
 
-/// Why a message was refused for a number change (history and API answer).
-fn refusal_detail(kind: &str, effective_at: i64) -> String {
-    format!(
-        "the number was {kind} at {}, after the recipient's consent",
-        rfc3339(effective_at)
-    )
-}
-
 /// What the store knows about a message's recipient that the policy needs.
 struct Facts {
     changed: bool,
@@ -202,14 +195,6 @@ fn change_events(tx: &Tx, account: &str, number: &str) -> Result<Vec<ChangeEvent
             })
         })
         .collect()
-}
-
-fn change_kind(kind: &str, new_number: Option<String>) -> Result<ChangeKind, StoreError> {
-    match (kind, new_number) {
-        ("deactivated", _) => Ok(ChangeKind::Deactivated),
-        ("changed", Some(new_number)) => Ok(ChangeKind::Changed { new_number }),
-        _ => Err(StoreError::Corrupt(format!("number change kind `{kind}`"))),
-    }
 }
 
 fn is_opted_out(
