@@ -488,6 +488,9 @@ impl<'a> Session<'a> {
         let mut tick = tokio::time::interval(TICK);
         let jobs = self.bind.jobs.clone();
         let end = loop {
+            // Before anything is taken or sent: a reloaded rate or window applies to the next
+            // segment, not only from the next tick (one atomic load when nothing changed).
+            self.follow_limits();
             if self.ready.is_none()
                 && self.window_open()
                 && let Some((_, taken)) = self.resend.pop_first()
