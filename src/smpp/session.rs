@@ -534,7 +534,14 @@ impl<'a> Session<'a> {
                     Some(Err(e)) => break SessionEnd::Lost(format!("unreadable stream: {e}")),
                     None => break SessionEnd::Lost("closed by the carrier".into()),
                 },
-                () = async { sleep_until(send_at).await; self.limiter.until_ready().await }, if can_send => {
+                () = async {
+                    // A timer rounds up to the next millisecond: one for a segment due now would
+                    // hold each bind to a segment per millisecond.
+                    if send_at > Instant::now() {
+                        sleep_until(send_at).await;
+                    }
+                    self.limiter.until_ready().await;
+                }, if can_send => {
                     if let Some(ready) = self.ready.take()
                         && let Err(e) = self.submit(&mut link, ready.taken).await
                     {
