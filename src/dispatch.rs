@@ -20,6 +20,8 @@ use crate::smpp::status::{StatusClass, classify, describe};
 use crate::smpp::{Carrier, SubmitOutcome, submit_pdus, validity_period};
 use crate::store::{AcceptedPart, AttemptResult, Claimed, Next, Store, StoreError};
 
+/// Most messages claimed at once.
+const MAX_CLAIM: usize = 512;
 /// How long a message waits when no carrier of its route can take it.
 const NO_CARRIER_DELAY_MS: i64 = 2_000;
 /// How long a throttled message waits when its bind could not resend it in time; the link
@@ -68,9 +70,9 @@ impl Dispatcher {
                 0
             };
             let mut wait = IDLE_POLL;
-            if room > 0 {
+            if worth_claiming(room, in_flight.len(), this.config.max_in_flight) {
                 let lease_until = now_ms() + this.lease.as_millis() as i64;
-                match this.store.claim_due(room.min(512), lease_until).await {
+                match this.store.claim_due(room.min(MAX_CLAIM), lease_until).await {
                     Ok(claimed) if !claimed.is_empty() => {
                         for message in claimed {
                             in_flight.spawn(this.clone().send(message, shutdown.clone()));
@@ -264,6 +266,15 @@ impl Dispatcher {
         }
         outcomes
     }
+}
+
+/// Whether a claim now is worth its cost. A claim costs the store's writer about as much as a
+/// few dozen claimed rows whatever its size, so with many messages in flight the dispatcher
+/// waits until an eighth of `max_in_flight` is free instead of claiming each freed slot; with
+/// few in flight (a quiet queue, or a small limit) it claims at once, for latency.
+fn worth_claiming(room: usize, in_flight: usize, max_in_flight: usize) -> bool {
+    let chunk = (max_in_flight / 8).clamp(1, MAX_CLAIM);
+    room > 0 && (room >= chunk || in_flight < chunk)
 }
 
 /// Why the next carrier should have the message, if it should: nothing of this attempt was
@@ -557,6 +568,19 @@ mod tests {
             failover_reason(&[(1, throttled), (2, accepted("a"))], listed),
             None
         );
+    }
+
+    #[test]
+    fn claims_wait_for_a_chunk_of_room_only_when_many_are_in_flight() {
+        assert!(worth_claiming(2048, 0, 2048), "an idle dispatcher claims");
+        assert!(worth_claiming(3, 100, 2048), "few in flight: claim at once");
+        assert!(
+            !worth_claiming(3, 2045, 2048),
+            "one freed slot of many waits"
+        );
+        assert!(worth_claiming(256, 1792, 2048), "an eighth free is a chunk");
+        assert!(!worth_claiming(0, 2048, 2048));
+        assert!(worth_claiming(1, 3, 4), "a small limit claims each slot");
     }
 
     #[test]
