@@ -27,6 +27,10 @@ use tokio_util::sync::CancellationToken;
 use smsgw::config::Config;
 use smsgw::sim::{SimConfig, SimHandle};
 
+/// The daemon's allocator (src/main.rs), so that the bench measures what runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const API_KEY: &str = "e2e-bench-api-key-0123456789";
 const HOOK_SECRET: &str = "e2e-bench-webhook-secret";
 /// Every n-th webhook has its signature checked (all of them would load the harness).
