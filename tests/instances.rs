@@ -399,7 +399,7 @@ fn message_count() -> usize {
     std::env::var("SMSGW_TEST_INSTANCES_MESSAGES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(4_000)
+        .unwrap_or(20_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
