@@ -263,11 +263,143 @@ async fn submit_range(url: &str, range: std::ops::Range<usize>) -> HashMap<usize
     ids
 }
 
+/// Binds up per carrier, from a daemon's /readyz (its own sessions).
+async fn binds_up(url: &str, carrier: &str) -> Option<u64> {
+    let answer: Value = reqwest::get(format!("{url}/readyz"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    answer["carriers"][carrier]["binds_up"].as_u64()
+}
+
+/// The submit_sm a daemon had accepted by `carrier`, from its /metrics.
+async fn accepted_submits(url: &str, carrier: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("{url}/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("smsgw_submits_total{"))
+        .filter(|l| l.contains(&format!("carrier=\"{carrier}\"")))
+        .filter(|l| l.contains("outcome=\"accepted\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until every message went out and was answered, and returns the texts the simulator
+/// was sent (with how many times).
+async fn settled_texts(pool: &sqlx::PgPool, sim: &Sim, total: usize) -> HashMap<String, usize> {
+    eventually(Duration::from_secs(120), "every message sent", || async {
+        // `sent` counts: a receipt the simulator writes to a session just given up is not
+        // written again (a real SMSC would resend an unacknowledged deliver_sm).
+        let out: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages WHERE status IN ('sent', 'delivered')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (out as usize == total).then_some(())
+    })
+    .await;
+    let mut times: HashMap<String, usize> = HashMap::new();
+    for pdu in sim.handle.submitted() {
+        *times
+            .entry(encoding::decode(pdu.data_coding, &pdu.short_message))
+            .or_default() += 1;
+    }
+    times
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_spread_a_carriers_two_binds_and_both_send() {
+    let Some(db) = TestDb::create("spread").await else {
+        return;
+    };
+    let sim = Sim::start(sim_config()).await;
+    // Two binds at 100/s each: a backlog that takes seconds, so that a bind is handed over
+    // while its window is full.
+    let text = daemon_config(&db, &[sim.address()]).replace(
+        "rate_per_second = 5000\n",
+        "rate_per_second = 100\nbinds = 2\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("smsgw.toml");
+    std::fs::write(&config, text).unwrap();
+    let (mut first, first_url) = start_daemon(&config);
+    eventually(
+        Duration::from_secs(30),
+        "the instance alone to hold both binds",
+        || async { (binds_up(&first_url, "sim0").await == Some(2)).then_some(()) },
+    )
+    .await;
+    let backlog = 2_000;
+    let mut ids = submit_range(&first_url, 0..backlog).await;
+
+    let (mut second, second_url) = start_daemon(&config);
+    eventually(
+        Duration::from_secs(60),
+        "each instance to hold one bind",
+        || async {
+            let one = binds_up(&first_url, "sim0").await;
+            let two = binds_up(&second_url, "sim0").await;
+            (one == Some(1) && two == Some(1)).then_some(())
+        },
+    )
+    .await;
+    // More traffic through both, in rounds until both instances have submitted (which claims
+    // what is up to the queue: a round may go all to one).
+    let mut total = backlog;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = tokio::join!(
+            submit_range(&first_url, total..total + 100),
+            submit_range(&second_url, total + 100..total + 200)
+        );
+        ids.extend(a);
+        ids.extend(b);
+        total += 200;
+        let one = accepted_submits(&first_url, "sim0").await;
+        let two = accepted_submits(&second_url, "sim0").await;
+        if one > 0.0 && two > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both instances to submit: {one} and {two} accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(ids.len(), total);
+
+    // The hand-over lost and repeated nothing: the session drained its window first.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let times = settled_texts(&pool, &sim, total).await;
+    assert_eq!(times.len(), total, "every message reached the carrier");
+    let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "submitted twice: {twice:?}");
+    assert_eq!(
+        (
+            binds_up(&first_url, "sim0").await,
+            binds_up(&second_url, "sim0").await
+        ),
+        (Some(1), Some(1)),
+        "the binds stayed spread"
+    );
+    for child in [&mut first, &mut second] {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+}
+
 fn message_count() -> usize {
     std::env::var("SMSGW_TEST_INSTANCES_MESSAGES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(4_000)
+        .unwrap_or(20_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

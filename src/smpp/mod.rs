@@ -146,6 +146,7 @@ impl Carrier {
             BindType::Transceiver => &[Role::Transceiver],
             BindType::Pair => &[Role::Transmitter, Role::Receiver],
         };
+        let holds = config.binds * roles.len();
         for index in 0..config.binds {
             for (position, &role) in roles.iter().enumerate() {
                 let (name, hold_index) = (config.name.clone(), index * roles.len() + position);
@@ -174,6 +175,7 @@ impl Carrier {
                         owner.clone(),
                         name,
                         hold_index,
+                        holds,
                         shutdown.clone(),
                         bind,
                     )),
