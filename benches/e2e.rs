@@ -54,6 +54,8 @@ struct Args {
     db_dir: Option<String>,
     /// A PostgreSQL database (`postgres://...`) instead of the SQLite file.
     store_url: Option<String>,
+    /// Gateways sharing the PostgreSQL database; requests go to them in turn.
+    instances: usize,
     /// `webhooks.concurrency` of the gateway; None keeps the daemon's default.
     webhook_concurrency: Option<usize>,
     /// The account has no webhook_url: done when every receipt is stored (isolates webhook cost).
@@ -77,6 +79,7 @@ impl Default for Args {
             load_threads: cores,
             db_dir: None,
             store_url: None,
+            instances: 1,
             webhook_concurrency: None,
             no_webhooks: false,
         }
@@ -86,7 +89,7 @@ impl Default for Args {
 const USAGE: &str = "usage: cargo bench --bench e2e -- [--messages N] [--batch B] [--concurrency C] \
 [--rate MSG_PER_S] [--receipt-delay-ms MS] [--timeout SECS] [--binds N] [--window W] \
 [--carrier-rate PER_BIND_PER_S] [--gateway-threads T] [--load-threads T] [--db-dir DIR] \
-[--store-url postgres://...] \
+[--store-url postgres://...] [--instances N] \
 [--webhook-concurrency N] [--no-webhooks]";
 
 impl Args {
@@ -116,6 +119,7 @@ impl Args {
                     args.webhook_concurrency = Some(value("--webhook-concurrency")? as usize)
                 }
                 "--no-webhooks" => args.no_webhooks = true,
+                "--instances" => args.instances = value("--instances")? as usize,
                 "--store-url" => {
                     args.store_url = Some(it.next().ok_or("--store-url needs a value")?);
                 }
@@ -134,6 +138,13 @@ impl Args {
         if args.batch > 1000 {
             return Err(
                 "--batch: the gateway takes at most 1000 per request (http.max_batch)".into(),
+            );
+        }
+        if args.instances == 0 || (args.instances > 1 && args.store_url.is_none()) {
+            return Err(
+                "--instances: at least 1, and more than 1 needs --store-url postgres://... \
+                 (instances share a queue only on PostgreSQL)"
+                    .into(),
             );
         }
         if args.gateway_threads == 0 || args.load_threads == 0 || args.timeout_secs == 0 {
@@ -203,7 +214,7 @@ fn main() {
     let config = gateway_config(&args, &db, &sim, &hooks.url);
     let settings = format!(
         "binds {} × window {} at {}/s per bind; store.max_batch {}; messages.max_in_flight {}; \
-         webhooks.concurrency {}; receipt_delay {} ms; SQLite in {}",
+         webhooks.concurrency {}; receipt_delay {} ms; {}",
         args.binds,
         args.window,
         args.carrier_rate,
@@ -211,21 +222,34 @@ fn main() {
         config.messages.max_in_flight,
         config.webhooks.concurrency,
         args.receipt_delay_ms,
-        db_dir,
+        match &args.store_url {
+            Some(_) => format!(
+                "PostgreSQL, {} instance(s) in this process on the gw-rt threads",
+                args.instances
+            ),
+            None => format!("SQLite in {db_dir}"),
+        },
     );
     let shutdown = CancellationToken::new();
-    let http = gw_rt
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("bind HTTP");
-    let url = format!("http://{}", http.local_addr().expect("HTTP address"));
-    let gateway = gw_rt.spawn(smsgw::run(
-        config,
-        // No operators' API: the bench measures the message path only.
-        smsgw::Listeners { http, admin: None },
-        shutdown.clone(),
-    ));
+    let mut urls = Vec::new();
+    let mut gateways = Vec::new();
+    for _ in 0..args.instances {
+        let http = gw_rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("bind HTTP");
+        urls.push(format!(
+            "http://{}",
+            http.local_addr().expect("HTTP address")
+        ));
+        gateways.push(gw_rt.spawn(smsgw::run(
+            config.clone(),
+            // No operators' API: the bench measures the message path only.
+            smsgw::Listeners { http, admin: None },
+            shutdown.clone(),
+        )));
+    }
 
-    let report = load_rt.block_on(drive(&args, &url, &sim, &hooks, started, deadline));
+    let report = load_rt.block_on(drive(&args, &urls, &sim, &hooks, started, deadline));
     let cpu_at_end = process_cpu_seconds();
     let threads = thread_cpu_seconds();
 
@@ -241,13 +265,15 @@ fn main() {
 
     // Stop in order; bounded so a stuck shutdown cannot hang the bench.
     shutdown.cancel();
-    let stopped =
-        gw_rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), gateway).await });
-    match stopped {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => eprintln!("warning: the gateway stopped with an error: {e}"),
-        Ok(Err(e)) => eprintln!("warning: the gateway task failed: {e}"),
-        Err(_) => eprintln!("warning: the gateway did not stop within 15 s"),
+    for gateway in gateways {
+        let stopped =
+            gw_rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), gateway).await });
+        match stopped {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("warning: a gateway stopped with an error: {e}"),
+            Ok(Err(e)) => eprintln!("warning: a gateway task failed: {e}"),
+            Err(_) => eprintln!("warning: a gateway did not stop within 15 s"),
+        }
     }
     sim_stop.cancel();
     gw_rt.shutdown_timeout(Duration::from_secs(2));
@@ -336,7 +362,7 @@ struct Report {
 
 async fn drive(
     args: &Args,
-    url: &str,
+    urls: &[String],
     sim: &SimHandle,
     hooks: &Hooks,
     started: Instant,
@@ -349,9 +375,12 @@ async fn drive(
         .expect("HTTP client");
     let mut report = Report::default();
 
-    if let Err(e) = wait_ready(&client, url, deadline).await {
-        report.failure = Some(e);
-        return report;
+    // Every instance holds a bind before the clock starts (binds are spread among instances).
+    for url in urls {
+        if let Err(e) = wait_ready(&client, url, deadline).await {
+            report.failure = Some(e);
+            return report;
+        }
     }
 
     let bodies = Arc::new(request_bodies(args.messages, args.batch));
@@ -378,7 +407,7 @@ async fn drive(
         let next = next.clone();
         let last_accept_us = last_accept_us.clone();
         let accepted_so_far = accepted_so_far.clone();
-        let endpoint = format!("{url}/v1/messages");
+        let endpoints: Vec<String> = urls.iter().map(|u| format!("{u}/v1/messages")).collect();
         let per_request = Duration::from_secs_f64(args.batch as f64 / args.rate.max(1) as f64);
         let paced = args.rate > 0;
         workers.spawn(async move {
@@ -393,7 +422,7 @@ async fn drive(
                 }
                 let sent = Instant::now();
                 let response = client
-                    .post(&endpoint)
+                    .post(&endpoints[i % endpoints.len()])
                     .bearer_auth(API_KEY)
                     .header("content-type", "application/json")
                     .body(bodies[i].clone())
@@ -549,7 +578,9 @@ fn request_bodies(messages: usize, batch: usize) -> Vec<Bytes> {
 }
 
 async fn wait_ready(client: &reqwest::Client, url: &str, deadline: Instant) -> Result<(), String> {
-    let limit = (Instant::now() + Duration::from_secs(20)).min(deadline);
+    // Long enough for a second instance to be handed a bind (the presence count is refreshed
+    // every few seconds).
+    let limit = (Instant::now() + Duration::from_secs(40)).min(deadline);
     let mut last = String::from("no answer");
     while Instant::now() < limit {
         match client.get(format!("{url}/readyz")).send().await {
@@ -560,7 +591,7 @@ async fn wait_ready(client: &reqwest::Client, url: &str, deadline: Instant) -> R
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     Err(format!(
-        "the gateway did not become ready within 20 s: {last}"
+        "the gateway at {url} did not become ready within 40 s: {last}"
     ))
 }
 
