@@ -41,6 +41,20 @@ pub enum ReceiptState {
 }
 
 impl ReceiptState {
+    /// Every state, in the order of their message_state values (0..=9).
+    pub const ALL: [ReceiptState; 10] = [
+        ReceiptState::Scheduled,
+        ReceiptState::Enroute,
+        ReceiptState::Delivered,
+        ReceiptState::Expired,
+        ReceiptState::Deleted,
+        ReceiptState::Undeliverable,
+        ReceiptState::Accepted,
+        ReceiptState::Unknown,
+        ReceiptState::Rejected,
+        ReceiptState::Skipped,
+    ];
+
     /// Appendix-B `stat:` words, case-insensitive. BUFFRED/BUFFERD/ACKED are non-standard words
     /// Kannel treats as buffered, so they map to Enroute. The spelled-out state names are
     /// accepted too: some SMSCs write them and they are unambiguous.
@@ -581,19 +595,7 @@ mod tests {
 
     #[test]
     fn message_state_values() {
-        let all = [
-            ReceiptState::Scheduled,
-            ReceiptState::Enroute,
-            ReceiptState::Delivered,
-            ReceiptState::Expired,
-            ReceiptState::Deleted,
-            ReceiptState::Undeliverable,
-            ReceiptState::Accepted,
-            ReceiptState::Unknown,
-            ReceiptState::Rejected,
-            ReceiptState::Skipped,
-        ];
-        for (v, state) in (0u8..).zip(all) {
+        for (v, state) in (0u8..).zip(ReceiptState::ALL) {
             assert_eq!(ReceiptState::from_message_state(v), Some(state));
         }
         assert_eq!(ReceiptState::from_message_state(10), None);

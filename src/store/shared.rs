@@ -22,19 +22,8 @@ pub(super) fn parse_id(s: &str) -> Result<MessageId, StoreError> {
 }
 
 pub(super) fn parse_receipt_state(s: &str) -> Result<ReceiptState, StoreError> {
-    const ALL: [ReceiptState; 10] = [
-        ReceiptState::Scheduled,
-        ReceiptState::Enroute,
-        ReceiptState::Delivered,
-        ReceiptState::Expired,
-        ReceiptState::Deleted,
-        ReceiptState::Undeliverable,
-        ReceiptState::Accepted,
-        ReceiptState::Unknown,
-        ReceiptState::Rejected,
-        ReceiptState::Skipped,
-    ];
-    ALL.into_iter()
+    ReceiptState::ALL
+        .into_iter()
         .find(|state| state.as_str() == s)
         .ok_or_else(|| StoreError::Corrupt(format!("receipt state `{s}`")))
 }
