@@ -12,7 +12,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -46,37 +46,56 @@ impl WebhookSender {
             .unwrap_or_default()
     }
 
-    /// Posts due webhooks until `shutdown`; posts in flight then finish (bounded by the timeout).
+    /// Posts webhooks until `shutdown`; posts in flight then finish (bounded by the timeout).
     ///
+    /// Most webhooks are handed over by the store as it commits them (see
+    /// [`crate::store::Handoff`]); the outbox is claimed from only when rows may wait there:
+    /// at start, when the store wrote one unleased (no room here), or one is due again.
     /// A post holds its permit only for the HTTP exchange; its result goes to a recorder that
     /// stores many results in one operation, so slow commits do not throttle the posting.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.config.concurrency));
+        let concurrency = this.config.concurrency;
+        let permits = Arc::new(Semaphore::new(concurrency));
         let mut posts = JoinSet::new();
-        let (results, outcomes) = mpsc::channel(this.config.concurrency * 4);
-        let recorder = tokio::spawn(record_results(this.store.clone(), outcomes));
+        let (results, outcomes) = mpsc::channel(concurrency * 4);
         let signals = this.store.signals().clone();
+        let recorder = tokio::spawn(record_results(this.store.clone(), outcomes));
         // Claims are made in large batches (each is a trip through the store's writer, which is
         // busy under load) and posted as permits free up; the lease covers the wait.
-        let claim_size = this.config.concurrency * CLAIM_FACTOR;
+        let claim_size = concurrency * CLAIM_FACTOR;
         let lease_ms = this.config.timeout.as_millis() as i64 * (CLAIM_FACTOR as i64 + 2) + 30_000;
+        signals.handoff.open(claim_size, lease_ms);
+        let mut outbox_may_hold = true;
+        let mut next_look = Instant::now();
         while !shutdown.is_cancelled() {
-            let room = permits.available_permits();
-            let jobs = if worth_claiming(room, this.config.concurrency) {
-                this.store
-                    .claim_webhooks(claim_size, now_ms() + lease_ms)
-                    .await
-                    .unwrap_or_else(|e| {
-                        warn!(error = %e, "claiming webhooks failed");
-                        Vec::new()
-                    })
-            } else {
-                Vec::new()
-            };
+            let mut jobs: Vec<(WebhookJob, Source)> = signals
+                .handoff
+                .take()
+                .into_iter()
+                .map(|job| (job, Source::Handed))
+                .collect();
+            if Instant::now() >= next_look {
+                outbox_may_hold = true;
+            }
+            if outbox_may_hold && worth_claiming(permits.available_permits(), concurrency) {
+                let claimed = this.claim(claim_size, lease_ms).await;
+                outbox_may_hold = claimed.len() == claim_size;
+                if !outbox_may_hold {
+                    next_look = Instant::now() + this.until_next_due().await;
+                }
+                jobs.extend(claimed.into_iter().map(|job| (job, Source::Claimed)));
+            }
             if !jobs.is_empty() {
-                for job in jobs {
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                let mut jobs = jobs.into_iter();
+                let mut unposted = Vec::new();
+                for (job, source) in jobs.by_ref() {
+                    let permit = tokio::select! {
+                        permit = permits.clone().acquire_owned() => permit.ok(),
+                        () = shutdown.cancelled() => None,
+                    };
+                    let Some(permit) = permit else {
+                        unposted.push(job);
                         break;
                     };
                     let this = this.clone();
@@ -84,29 +103,45 @@ impl WebhookSender {
                     posts.spawn(async move {
                         let outcome = this.deliver(job).await;
                         drop(permit);
+                        if source == Source::Handed {
+                            this.store.signals().handoff.give_back(1);
+                        }
                         let _ = results.send(outcome).await;
                     });
+                }
+                for job in unposted.into_iter().chain(jobs.map(|(job, _)| job)) {
+                    let _ = results.send((job.id, WebhookResult::Unposted)).await;
                 }
                 while posts.try_join_next().is_some() {}
                 continue;
             }
             // Until enough permits are free, only a finished post makes room: no polling meanwhile.
-            let wait = if !worth_claiming(room, this.config.concurrency) {
-                IDLE_POLL
-            } else {
-                this.until_next_due().await
-            };
             tokio::select! {
-                () = signals.webhooks.notified() => {}
-                () = sleep(wait) => {}
+                () = signals.webhooks.notified() => outbox_may_hold = true,
+                () = signals.handoff.handed.notified() => {}
+                () = sleep_until(next_look), if !outbox_may_hold => outbox_may_hold = true,
                 Some(_) = posts.join_next(), if !posts.is_empty() => {}
                 () = shutdown.cancelled() => {}
             }
             while posts.try_join_next().is_some() {}
         }
+        // Handed and not posted: back to the outbox for the next start.
+        for job in signals.handoff.close() {
+            let _ = results.send((job.id, WebhookResult::Unposted)).await;
+        }
         while posts.join_next().await.is_some() {}
         drop(results);
         let _ = recorder.await;
+    }
+
+    async fn claim(&self, limit: usize, lease_ms: i64) -> Vec<WebhookJob> {
+        self.store
+            .claim_webhooks(limit, now_ms() + lease_ms)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "claiming webhooks failed");
+                Vec::new()
+            })
     }
 
     async fn until_next_due(&self) -> Duration {
@@ -176,8 +211,17 @@ fn worth_claiming(free_permits: usize, concurrency: usize) -> bool {
     free_permits > 0 && free_permits >= concurrency.div_ceil(4)
 }
 
+/// Where a job came from: handed by the store as it committed (its room is given back when
+/// posted), or claimed from the outbox.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Handed,
+    Claimed,
+}
+
 /// Stores post results as they come, in batches. A result that cannot be stored leaves its
-/// webhook leased: it is posted again when the lease ends (at-least-once).
+/// webhook leased: it is posted again when the lease ends (at-least-once). A webhook that is
+/// waiting again wakes the sender's next look at the outbox.
 async fn record_results(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<(i64, WebhookResult)>) {
     let mut batch = Vec::with_capacity(RESULTS_PER_COMMIT);
     while let Some(first) = outcomes.recv().await {
@@ -189,8 +233,18 @@ async fn record_results(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<(i64
             }
         }
         let count = batch.len();
-        if let Err(e) = store.webhook_results(std::mem::take(&mut batch)).await {
-            warn!(webhooks = count, error = %e, "recording webhook results failed; they will be sent again");
+        let waiting_again = batch.iter().any(|(_, result)| {
+            !matches!(
+                result,
+                WebhookResult::Delivered | WebhookResult::GiveUp { .. }
+            )
+        });
+        match store.webhook_results(std::mem::take(&mut batch)).await {
+            Ok(()) if waiting_again => store.signals().webhooks.notify_one(),
+            Ok(()) => {}
+            Err(e) => {
+                warn!(webhooks = count, error = %e, "recording webhook results failed; they will be sent again");
+            }
         }
     }
 }

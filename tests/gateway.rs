@@ -753,3 +753,65 @@ async fn metrics_expose_the_named_series_after_traffic_and_never_a_number() {
         "a phone number leaked into the metrics"
     );
 }
+
+/// Most webhooks reach the sender in memory, already leased to it (no claim back from the
+/// outbox). Those it had not posted when the gateway stopped are waiting again after the
+/// restart, not leased for the next 40 s.
+#[tokio::test]
+async fn webhooks_not_posted_before_a_stop_go_out_right_after_the_restart() {
+    let (_dir, db) = temp_db();
+    let sim = Sim::start(sim_config()).await;
+    let hooks = Hooks::start().await;
+    hooks.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    // One post at a time, and it hangs: everything else waits in the sender.
+    let text = config_text(&db, sim.address(), Some(&hooks.url)).replace(
+        "[webhooks]\n",
+        "[webhooks]\nconcurrency = 1\ntimeout = \"1s\"\n",
+    );
+    let gateway = Gateway::start(parse_config(&text)).await;
+    gateway.wait_ready().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (status, answer) = gateway
+            .post(
+                KEY_A,
+                &message(TO, &format!("stopped before its webhooks {i}")),
+            )
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(answer["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        gateway.wait_status(KEY_A, id, "delivered").await;
+    }
+    gateway.stop().await;
+    assert!(hooks.raw().is_empty(), "the receiver answered nothing yet");
+
+    hooks.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let gateway = Gateway::start(parse_config(&text)).await;
+    let expected: std::collections::BTreeSet<(String, String)> = ids
+        .iter()
+        .flat_map(|id| {
+            ["queued", "sent", "delivered"].map(|status| (id.clone(), status.to_owned()))
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "every webhook after the restart",
+        || async {
+            let seen: std::collections::BTreeSet<(String, String)> = hooks
+                .bodies()
+                .iter()
+                .map(|(_, event)| {
+                    (
+                        event["message_id"].as_str().unwrap_or("").to_owned(),
+                        event["status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect();
+            (seen == expected).then_some(())
+        },
+    )
+    .await;
+    gateway.stop().await;
+}

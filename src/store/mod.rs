@@ -5,9 +5,12 @@
 //! share one queue. Every method that returns `Ok` has committed what it was given: callers answer their
 //! own callers (HTTP 202, deliver_sm_resp) only after that.
 
+mod handoff;
 pub mod postgres;
 mod shared;
 pub mod sqlite;
+
+pub use handoff::Handoff;
 
 use std::sync::Arc;
 
@@ -421,8 +424,15 @@ pub struct WebhookJob {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookResult {
     Delivered,
-    RetryAt { at: i64, error: String },
-    GiveUp { error: String },
+    RetryAt {
+        at: i64,
+        error: String,
+    },
+    GiveUp {
+        error: String,
+    },
+    /// Not posted (the sender stopped first): waiting again at once, the attempt not counted.
+    Unposted,
 }
 
 /// Wakes the workers that wait for new rows, so they need not poll.
@@ -430,8 +440,10 @@ pub enum WebhookResult {
 pub struct Signals {
     /// A message became due (new submission, or a retry was scheduled).
     pub queue: Notify,
-    /// A webhook was written to the outbox.
+    /// A webhook was written to the outbox for a claim, or one is due again.
     pub webhooks: Notify,
+    /// Webhooks written leased to this process's sender and handed to it in memory.
+    pub handoff: Handoff,
 }
 
 #[async_trait]

@@ -357,6 +357,8 @@ where
 pub struct Hooks {
     pub received: Arc<Mutex<Vec<(HeaderMap, String)>>>,
     pub url: String,
+    /// While set, requests are never answered (a receiver that hangs).
+    pub hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Hooks {
@@ -367,11 +369,16 @@ impl Hooks {
             ..Hooks::default()
         };
         let received = hooks.received.clone();
+        let hang = hooks.hang.clone();
         let app = axum::Router::new().route(
             "/hooks",
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
                 let received = received.clone();
+                let hang = hang.load(std::sync::atomic::Ordering::SeqCst);
                 async move {
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
                     let body = String::from_utf8_lossy(&body).into_owned();
                     received.lock().unwrap().push((headers, body));
                     "ok"

@@ -1889,6 +1889,15 @@ async fn webhook_results(
                 .execute(&mut **tx)
                 .await?;
             }
+            WebhookResult::Unposted => {
+                sqlx::query(
+                    "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            }
         }
     }
     if !gone.is_empty() {

@@ -182,19 +182,40 @@ struct Wake {
     rules: Arc<StoreRules>,
     clock: Arc<PolicyClock>,
     maybe: Arc<MaybeRows>,
+    signals: Arc<Signals>,
     queue: bool,
     webhooks: bool,
+    /// Webhooks written leased to this process's sender, handed to it once committed.
+    handed: Vec<WebhookJob>,
 }
 
 impl Wake {
-    fn new(rules: &Arc<StoreRules>, clock: &Arc<PolicyClock>, maybe: &Arc<MaybeRows>) -> Wake {
+    fn new(
+        rules: &Arc<StoreRules>,
+        clock: &Arc<PolicyClock>,
+        maybe: &Arc<MaybeRows>,
+        signals: &Arc<Signals>,
+    ) -> Wake {
         Wake {
             rules: rules.clone(),
             clock: clock.clone(),
             maybe: maybe.clone(),
+            signals: signals.clone(),
             queue: false,
             webhooks: false,
+            handed: Vec::new(),
         }
+    }
+
+    /// Wakes what the committed operations gave work to.
+    fn committed(&mut self) {
+        if self.queue {
+            self.signals.queue.notify_one();
+        }
+        if self.webhooks {
+            self.signals.webhooks.notify_one();
+        }
+        self.signals.handoff.hand(std::mem::take(&mut self.handed));
     }
 }
 
@@ -962,7 +983,7 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut wake = Wake::new(&rules, &clock, &maybe);
+        let mut wake = Wake::new(&rules, &clock, &maybe, &signals);
         match apply_batch(&mut conn, &batch, &mut wake) {
             Ok(replies) => {
                 for (job, reply) in batch.drain(..).zip(replies) {
@@ -979,7 +1000,7 @@ fn run_writer(
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
                 recovery.after_failure(&conn, &error);
-                wake = Wake::new(&rules, &clock, &maybe);
+                wake = Wake::new(&rules, &clock, &maybe, &signals);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
@@ -991,12 +1012,7 @@ fn run_writer(
                 }
             }
         }
-        if wake.queue {
-            signals.queue.notify_one();
-        }
-        if wake.webhooks {
-            signals.webhooks.notify_one();
-        }
+        wake.committed();
     }
 }
 
@@ -1005,14 +1021,23 @@ fn apply_batch(
     batch: &[Job],
     wake: &mut Wake,
 ) -> Result<Vec<Reply>, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let now = now_ms();
-    let mut replies = Vec::with_capacity(batch.len());
-    for job in batch {
-        replies.push(apply(&tx, &job.op, now, wake)?);
+    let handed_before = wake.handed.len();
+    let result = (|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            replies.push(apply(&tx, &job.op, now, wake)?);
+        }
+        tx.commit()?;
+        Ok(replies)
+    })();
+    if result.is_err() {
+        // Rolled back: the rows these jobs name do not exist.
+        let dropped = wake.handed.drain(handed_before..).count();
+        wake.signals.handoff.give_back(dropped);
     }
-    tx.commit()?;
-    Ok(replies)
+    result
 }
 
 fn apply(tx: &Tx, op: &Op, now: i64, wake: &mut Wake) -> Result<Reply, StoreError> {
@@ -1924,6 +1949,14 @@ fn webhook_results(tx: &Tx, results: &[(i64, WebhookResult)]) -> Result<(), Stor
                     params![id, at, error],
                 )?;
             }
+            WebhookResult::Unposted => {
+                run(
+                    tx,
+                    "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1
+                     WHERE id = ?1",
+                    [id],
+                )?;
+            }
         }
     }
     Ok(())
@@ -2050,12 +2083,33 @@ fn enqueue_webhook(
     now: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
-    run(
+    let Some(lease_until) = wake.signals.handoff.reserve(now) else {
+        run(
+            tx,
+            "INSERT INTO webhooks (account, url, payload, created_at, due_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![account, url, payload, now],
+        )?;
+        wake.webhooks = true;
+        return Ok(());
+    };
+    let id = one(
         tx,
-        "INSERT INTO webhooks (account, url, payload, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?4)",
-        params![account, url, payload, now],
-    )?;
-    wake.webhooks = true;
+        "INSERT INTO webhooks (account, url, payload, attempts, created_at, due_at, locked_until)
+         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5)
+         RETURNING id",
+        params![account, url, payload, now, lease_until],
+        |r| r.get(0),
+    )
+    .inspect_err(|_| wake.signals.handoff.give_back(1))?;
+    wake.handed.push(WebhookJob {
+        id,
+        account: account.to_owned(),
+        url: url.to_owned(),
+        payload: payload.to_owned(),
+        attempts: 1,
+        created_at: now,
+    });
     Ok(())
 }
 
