@@ -60,6 +60,8 @@ struct Args {
     webhook_concurrency: Option<usize>,
     /// The account has no webhook_url: done when every receipt is stored (isolates webhook cost).
     no_webhooks: bool,
+    /// The account's `webhook_batch`: most events per webhook request (1: one per request).
+    webhook_batch: usize,
 }
 
 impl Default for Args {
@@ -82,6 +84,7 @@ impl Default for Args {
             instances: 1,
             webhook_concurrency: None,
             no_webhooks: false,
+            webhook_batch: 1,
         }
     }
 }
@@ -90,7 +93,7 @@ const USAGE: &str = "usage: cargo bench --bench e2e -- [--messages N] [--batch B
 [--rate MSG_PER_S] [--receipt-delay-ms MS] [--timeout SECS] [--binds N] [--window W] \
 [--carrier-rate PER_BIND_PER_S] [--gateway-threads T] [--load-threads T] [--db-dir DIR] \
 [--store-url postgres://...] [--instances N] \
-[--webhook-concurrency N] [--no-webhooks]";
+[--webhook-concurrency N] [--webhook-batch N] [--no-webhooks]";
 
 impl Args {
     /// Simple `--flag value` parsing. Unknown arguments (cargo bench adds `--bench`) are ignored.
@@ -119,6 +122,7 @@ impl Args {
                     args.webhook_concurrency = Some(value("--webhook-concurrency")? as usize)
                 }
                 "--no-webhooks" => args.no_webhooks = true,
+                "--webhook-batch" => args.webhook_batch = value("--webhook-batch")? as usize,
                 "--instances" => args.instances = value("--instances")? as usize,
                 "--store-url" => {
                     args.store_url = Some(it.next().ok_or("--store-url needs a value")?);
@@ -214,13 +218,14 @@ fn main() {
     let config = gateway_config(&args, &db, &sim, &hooks.url);
     let settings = format!(
         "binds {} × window {} at {}/s per bind; store.max_batch {}; messages.max_in_flight {}; \
-         webhooks.concurrency {}; receipt_delay {} ms; {}",
+         webhooks.concurrency {}, webhook_batch {}; receipt_delay {} ms; {}",
         args.binds,
         args.window,
         args.carrier_rate,
         config.store.max_batch,
         config.messages.max_in_flight,
         config.webhooks.concurrency,
+        args.webhook_batch,
         args.receipt_delay_ms,
         match &args.store_url {
             Some(_) => format!(
@@ -324,7 +329,11 @@ fn gateway_config(args: &Args, db: &Path, sim: &SimHandle, hook_url: &str) -> Co
         hooks = if args.no_webhooks {
             String::new()
         } else {
-            format!("webhook_url = \"{hook_url}\"\nwebhook_secret = \"{HOOK_SECRET}\"")
+            format!(
+                "webhook_url = \"{hook_url}\"\nwebhook_secret = \"{HOOK_SECRET}\"\n\
+                 webhook_batch = {}",
+                args.webhook_batch
+            )
         },
         webhooks = args
             .webhook_concurrency
@@ -669,7 +678,9 @@ async fn monitor_sim(
 /// Webhook counters, stamped in microseconds since the bench started.
 #[derive(Default)]
 struct HookStats {
+    /// Events received (a request of a batching account carries several).
     total: AtomicUsize,
+    requests: AtomicUsize,
     queued: AtomicUsize,
     sent: AtomicUsize,
     delivered: AtomicUsize,
@@ -705,21 +716,29 @@ impl Hooks {
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
                 let stats = state.clone();
                 async move {
-                    let n = stats.total.fetch_add(1, Ordering::Relaxed);
+                    let n = stats.requests.fetch_add(1, Ordering::Relaxed);
                     let now = started.elapsed().as_micros() as u64;
-                    let status = serde_json::from_slice::<HookEvent>(&body)
-                        .ok()
-                        .and_then(|e| e.status);
-                    let counter = match status {
-                        Some("queued") => &stats.queued,
-                        Some("sent") => &stats.sent,
-                        Some("delivered") => {
-                            stats.last_delivered_us.fetch_max(now, Ordering::Relaxed);
-                            &stats.delivered
-                        }
-                        _ => &stats.other,
+                    let statuses: Vec<Option<&str>> = if body.first() == Some(&b'[') {
+                        serde_json::from_slice::<Vec<HookEvent>>(&body)
+                            .map(|events| events.into_iter().map(|e| e.status).collect())
+                            .unwrap_or_else(|_| vec![None])
+                    } else {
+                        let event = serde_json::from_slice::<HookEvent>(&body);
+                        vec![event.ok().and_then(|e| e.status)]
                     };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    for status in &statuses {
+                        let counter = match status {
+                            Some("queued") => &stats.queued,
+                            Some("sent") => &stats.sent,
+                            Some("delivered") => {
+                                stats.last_delivered_us.fetch_max(now, Ordering::Relaxed);
+                                &stats.delivered
+                            }
+                            _ => &stats.other,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats.total.fetch_add(statuses.len(), Ordering::Relaxed);
                     stats.last_any_us.fetch_max(now, Ordering::Relaxed);
                     if n % VERIFY_EVERY == 0 {
                         stats.verified.fetch_add(1, Ordering::Relaxed);
@@ -834,8 +853,9 @@ fn print_report(
         opt(report.all_receipts_acked)
     );
     println!(
-        "webhooks:            {} received: {} queued, {} sent, {} delivered, {} other; {}/{} sampled signatures bad",
+        "webhooks:            {} received in {} requests: {} queued, {} sent, {} delivered, {} other; {}/{} sampled signatures bad",
         s.total.load(Ordering::Relaxed),
+        s.requests.load(Ordering::Relaxed),
         s.queued.load(Ordering::Relaxed),
         s.sent.load(Ordering::Relaxed),
         s.delivered.load(Ordering::Relaxed),

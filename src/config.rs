@@ -316,6 +316,11 @@ pub struct AccountConfig {
     /// Key of the HMAC-SHA256 signature on every webhook of this account.
     #[serde(default)]
     pub webhook_secret: Option<Secret>,
+    /// Most events posted in one webhook request. 1 (the default): each request is one event
+    /// object. Above 1: each request is a JSON array of up to this many events (to one URL),
+    /// which costs the gateway and the receiver far less per event under load.
+    #[serde(default = "default_webhook_batch")]
+    pub webhook_batch: usize,
     /// Senders this account may use; inbound replies to these are posted to this account.
     #[serde(default)]
     pub senders: Vec<String>,
@@ -636,6 +641,12 @@ fn default_reconnect_min() -> Duration {
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(60)
 }
+fn default_webhook_batch() -> usize {
+    1
+}
+/// Most events in one webhook request (`accounts.webhook_batch`): a request stays well under
+/// a receiver's usual body limits (an event is ~250 bytes).
+pub const MAX_WEBHOOK_BATCH: usize = 500;
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -952,6 +963,11 @@ impl Config {
                     .into_iter()
                     .map(|p| format!("{key}.keywords.{p}")),
             );
+            if !(1..=MAX_WEBHOOK_BATCH).contains(&account.webhook_batch) {
+                problems.push(format!(
+                    "{key}.webhook_batch: must be from 1 to {MAX_WEBHOOK_BATCH} (events per request)"
+                ));
+            }
             if let Some(url) = &account.webhook_url {
                 if reqwest::Url::parse(url)
                     .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
@@ -1410,11 +1426,12 @@ mod tests {
         let text = format!(
             "{MINIMAL}\n[http]\nmax_header_bytes = 100\nmax_headers = 0\nmax_connections = 0\n\
              header_read_timeout = \"0s\"\n\
-             [[accounts]]\nname = \"a\"\nrate_per_second = 0\n\
+             [[accounts]]\nname = \"a\"\nrate_per_second = 0\nwebhook_batch = 0\n\
              api_keys = [{{ hash = \"{HASH}\", scopes = [\"read\"], burst = 3 }}]\n"
         );
         let err = parse(&text).unwrap_err().to_string();
         for key in [
+            "accounts[0].webhook_batch",
             "http.max_header_bytes",
             "http.max_headers",
             "http.max_connections",

@@ -24,6 +24,8 @@ pub struct Reloadable {
     pub inbound: HashMap<String, InboundOwner>,
     /// Webhook secret per account.
     pub webhook_secrets: HashMap<String, String>,
+    /// Most events per webhook request, per account (`webhook_batch`).
+    pub webhook_batches: HashMap<String, usize>,
     pub policy: PolicyConfig,
 }
 
@@ -53,6 +55,11 @@ impl Reloadable {
                 .accounts
                 .iter()
                 .filter_map(|a| Some((a.name.clone(), a.webhook_secret.clone()?.0)))
+                .collect(),
+            webhook_batches: config
+                .accounts
+                .iter()
+                .map(|a| (a.name.clone(), a.webhook_batch))
                 .collect(),
             policy: config.policy.clone(),
         }

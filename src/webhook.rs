@@ -5,6 +5,7 @@
 //! `"<t>.<body>"` with the account's webhook secret. Receivers check the signature and reject
 //! old timestamps, which stops replays ([`verify`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +64,9 @@ impl WebhookSender {
         let recorder = tokio::spawn(record_results(this.store.clone(), outcomes));
         // Claims are made in large batches (each is a trip through the store's writer, which is
         // busy under load) and posted as permits free up; the lease covers the wait.
-        let claim_size = concurrency * CLAIM_FACTOR;
+        // An account that batches takes that many more webhooks per permit.
+        let largest_batch = this.live.load().webhook_batches.values().copied().max();
+        let claim_size = concurrency * CLAIM_FACTOR * largest_batch.unwrap_or(1);
         let lease_ms = this.config.timeout.as_millis() as i64 * (CLAIM_FACTOR as i64 + 2) + 30_000;
         signals.handoff.open(claim_size, lease_ms);
         let mut outbox_may_hold = true;
@@ -87,30 +90,36 @@ impl WebhookSender {
                 jobs.extend(claimed.into_iter().map(|job| (job, Source::Claimed)));
             }
             if !jobs.is_empty() {
-                let mut jobs = jobs.into_iter();
+                let live = this.live.load();
+                let batch_size =
+                    |account: &str| live.webhook_batches.get(account).map_or(1, |n| *n);
+                let mut requests = requests(jobs, batch_size).into_iter();
                 let mut unposted = Vec::new();
-                for (job, source) in jobs.by_ref() {
+                for request in requests.by_ref() {
                     let permit = tokio::select! {
                         permit = permits.clone().acquire_owned() => permit.ok(),
                         () = shutdown.cancelled() => None,
                     };
                     let Some(permit) = permit else {
-                        unposted.push(job);
+                        unposted.push(request);
                         break;
                     };
                     let this = this.clone();
                     let results = results.clone();
                     posts.spawn(async move {
-                        let outcome = this.deliver(job).await;
+                        let outcomes = this.deliver(&request).await;
                         drop(permit);
-                        if source == Source::Handed {
-                            this.store.signals().handoff.give_back(1);
+                        let handed = request.jobs.iter().filter(|(_, s)| *s == Source::Handed);
+                        this.store.signals().handoff.give_back(handed.count());
+                        for outcome in outcomes {
+                            let _ = results.send(outcome).await;
                         }
-                        let _ = results.send(outcome).await;
                     });
                 }
-                for job in unposted.into_iter().chain(jobs.map(|(job, _)| job)) {
-                    let _ = results.send((job.id, WebhookResult::Unposted)).await;
+                for request in unposted.into_iter().chain(requests) {
+                    for (job, _) in request.jobs {
+                        let _ = results.send((job.id, WebhookResult::Unposted)).await;
+                    }
                 }
                 while posts.try_join_next().is_some() {}
                 continue;
@@ -153,14 +162,25 @@ impl WebhookSender {
         }
     }
 
-    /// Posts one webhook and says what to record: delivered, retry at, or give up.
-    async fn deliver(&self, job: WebhookJob) -> (i64, WebhookResult) {
-        let result = match self.post(&job).await {
+    /// Posts one request and says what to record of each of its webhooks: delivered, retry
+    /// at, or give up.
+    async fn deliver(&self, request: &Request) -> Vec<(i64, WebhookResult)> {
+        let posted = self.post(request).await;
+        request
+            .jobs
+            .iter()
+            .map(|(job, _)| (job.id, self.outcome(job, &posted)))
+            .collect()
+    }
+
+    fn outcome(&self, job: &WebhookJob, posted: &Result<(), String>) -> WebhookResult {
+        match posted {
             Ok(()) => {
                 metrics::webhook("delivered");
                 WebhookResult::Delivered
             }
             Err(error) => {
+                let error = error.clone();
                 let now = now_ms();
                 let delay = self.config.retry_schedule.delay_after(job.attempts);
                 let at = now + delay.as_millis() as i64;
@@ -173,27 +193,31 @@ impl WebhookSender {
                     WebhookResult::RetryAt { at, error }
                 }
             }
-        };
-        (job.id, result)
+        }
     }
 
-    async fn post(&self, job: &WebhookJob) -> Result<(), String> {
-        let live = self.live.load();
-        let secret = live
+    async fn post(&self, request: &Request) -> Result<(), String> {
+        let Some((first, _)) = request.jobs.first() else {
+            return Ok(());
+        };
+        let body = request.body();
+        let secret = self
+            .live
+            .load()
             .webhook_secrets
-            .get(&job.account)
-            .map(String::as_str)
-            .unwrap_or("");
+            .get(&first.account)
+            .cloned()
+            .unwrap_or_default();
         let timestamp = now_ms() / 1000;
         let response = self
             .client
-            .post(&job.url)
+            .post(&first.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(
                 SIGNATURE_HEADER,
-                signature_header(secret, timestamp, &job.payload),
+                signature_header(&secret, timestamp, &body),
             )
-            .body(job.payload.clone())
+            .body(body)
             .send()
             .await
             .map_err(|e| format!("request failed: {e}"))?;
@@ -217,6 +241,54 @@ fn worth_claiming(free_permits: usize, concurrency: usize) -> bool {
 enum Source {
     Handed,
     Claimed,
+}
+
+/// One webhook request: a single event, or (for an account with `webhook_batch` above 1) a
+/// JSON array of events to the same URL.
+struct Request {
+    jobs: Vec<(WebhookJob, Source)>,
+    array: bool,
+}
+
+impl Request {
+    fn body(&self) -> String {
+        match self.jobs.as_slice() {
+            [(job, _)] if !self.array => job.payload.clone(),
+            jobs => {
+                let events: Vec<&str> = jobs.iter().map(|(job, _)| job.payload.as_str()).collect();
+                format!("[{}]", events.join(","))
+            }
+        }
+    }
+}
+
+/// Groups jobs into requests: per account and URL, up to the account's batch size each, in
+/// the order the jobs came (so a message's events keep their order within a request).
+fn requests(jobs: Vec<(WebhookJob, Source)>, batch_size: impl Fn(&str) -> usize) -> Vec<Request> {
+    let mut requests: Vec<Request> = Vec::new();
+    let mut open: HashMap<(String, String), usize> = HashMap::new();
+    for (job, source) in jobs {
+        let size = batch_size(&job.account);
+        if size <= 1 {
+            requests.push(Request {
+                jobs: vec![(job, source)],
+                array: false,
+            });
+            continue;
+        }
+        let key = (job.account.clone(), job.url.clone());
+        match open.get(&key) {
+            Some(&i) if requests[i].jobs.len() < size => requests[i].jobs.push((job, source)),
+            _ => {
+                open.insert(key, requests.len());
+                requests.push(Request {
+                    jobs: vec![(job, source)],
+                    array: true,
+                });
+            }
+        }
+    }
+    requests
 }
 
 /// Stores post results as they come, in batches. A result that cannot be stored leaves its
@@ -347,6 +419,49 @@ mod tests {
             verify("s3cret", &refreshed, "{}", 1_700_001_000, 300),
             Err(VerifyError::Mismatch)
         );
+    }
+
+    fn job(id: i64, account: &str, url: &str) -> (WebhookJob, Source) {
+        let job = WebhookJob {
+            id,
+            account: account.into(),
+            url: url.into(),
+            payload: format!("{{\"id\":{id}}}"),
+            attempts: 1,
+            created_at: 0,
+        };
+        (job, Source::Claimed)
+    }
+
+    fn ids(requests: &[Request]) -> Vec<Vec<i64>> {
+        requests
+            .iter()
+            .map(|r| r.jobs.iter().map(|(j, _)| j.id).collect())
+            .collect()
+    }
+
+    #[test]
+    fn requests_group_an_accounts_events_per_url_up_to_its_batch_size() {
+        let jobs = vec![
+            job(1, "a", "http://x/"),
+            job(2, "b", "http://y/"),
+            job(3, "a", "http://x/"),
+            job(4, "a", "http://other/"),
+            job(5, "a", "http://x/"),
+            job(6, "b", "http://y/"),
+            job(7, "a", "http://x/"),
+        ];
+        let grouped = requests(jobs, |account| if account == "a" { 3 } else { 1 });
+        assert_eq!(
+            ids(&grouped),
+            [vec![1, 3, 5], vec![2], vec![4], vec![6], vec![7]]
+        );
+        // A batching account always gets an array, even of one event; others get the object.
+        assert_eq!(grouped[0].body(), r#"[{"id":1},{"id":3},{"id":5}]"#);
+        assert_eq!(grouped[2].body(), r#"[{"id":4}]"#);
+        assert_eq!(grouped[1].body(), r#"{"id":2}"#);
+        let array: serde_json::Value = serde_json::from_str(&grouped[0].body()).unwrap();
+        assert_eq!(array.as_array().map(Vec::len), Some(3));
     }
 
     #[test]

@@ -815,3 +815,76 @@ async fn webhooks_not_posted_before_a_stop_go_out_right_after_the_restart() {
     .await;
     gateway.stop().await;
 }
+
+/// With `webhook_batch`, an account receives arrays of events, signed as a whole, and every
+/// status change still arrives.
+#[tokio::test]
+async fn an_account_with_webhook_batch_receives_signed_arrays_of_every_event() {
+    let (_dir, db) = temp_db();
+    let sim = Sim::start(sim_config()).await;
+    let hooks = Hooks::start().await;
+    let secret_line = format!("webhook_secret = \"{HOOK_SECRET}\"\n");
+    let text = config_text(&db, sim.address(), Some(&hooks.url))
+        .replace(&secret_line, &format!("{secret_line}webhook_batch = 50\n"));
+    let gateway = Gateway::start(parse_config(&text)).await;
+    gateway.wait_ready().await;
+    let batch: Vec<_> = (0..20)
+        .map(|i| message(TO, &format!("batched webhooks {i}")))
+        .collect();
+    let (status, answer) = gateway.post(KEY_A, &json!({ "messages": batch })).await;
+    assert_eq!(status, 202, "{answer}");
+    let expected: std::collections::BTreeSet<(String, String)> = answer["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| {
+            let id = m["id"].as_str().unwrap().to_owned();
+            ["queued", "sent", "delivered"].map(|status| (id.clone(), status.to_owned()))
+        })
+        .collect();
+    assert_eq!(expected.len(), 60);
+
+    let requests = eventually(Duration::from_secs(10), "every event", || async {
+        let requests = hooks.raw();
+        let events: usize = requests
+            .iter()
+            .map(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v.as_array().map(Vec::len))
+                    .unwrap_or(0)
+            })
+            .sum();
+        (events >= 60).then_some(requests)
+    })
+    .await;
+    let now = smsgw::message::now_ms() / 1000;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut largest = 0;
+    for (headers, body) in &requests {
+        let signature = headers[smsgw::webhook::SIGNATURE_HEADER].to_str().unwrap();
+        smsgw::webhook::verify(HOOK_SECRET, signature, body, now, 300)
+            .expect("each request is signed over its whole array");
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(body).expect("each request is a JSON array of events");
+        assert!(events.len() <= 50, "at most webhook_batch events a request");
+        largest = largest.max(events.len());
+        for event in events {
+            assert_eq!(event["type"], "message.status");
+            let id = event["message_id"].as_str().unwrap().to_owned();
+            seen.insert((id, event["status"].as_str().unwrap().to_owned()));
+        }
+    }
+    assert_eq!(seen, expected);
+    // The 20 `queued` events were committed together: they go out in fewer requests.
+    assert!(
+        largest > 1,
+        "events were batched (largest request: {largest})"
+    );
+    assert!(
+        requests.len() < 60,
+        "{} requests for 60 events",
+        requests.len()
+    );
+    gateway.stop().await;
+}
