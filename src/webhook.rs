@@ -90,10 +90,13 @@ impl WebhookSender {
                 jobs.extend(claimed.into_iter().map(|job| (job, Source::Claimed)));
             }
             if !jobs.is_empty() {
-                let live = this.live.load();
-                let batch_size =
-                    |account: &str| live.webhook_batches.get(account).map_or(1, |n| *n);
-                let mut requests = requests(jobs, batch_size).into_iter();
+                let mut requests = {
+                    let live = this.live.load();
+                    requests(jobs, |account| {
+                        live.webhook_batches.get(account).map_or(1, |n| *n)
+                    })
+                }
+                .into_iter();
                 let mut unposted = Vec::new();
                 for request in requests.by_ref() {
                     let permit = tokio::select! {
@@ -124,7 +127,8 @@ impl WebhookSender {
                 while posts.try_join_next().is_some() {}
                 continue;
             }
-            // Until enough permits are free, only a finished post makes room: no polling meanwhile.
+            // Wait for work: handed jobs, a row written to the outbox, the next due one, or a
+            // finished post (room to claim). No polling meanwhile.
             tokio::select! {
                 () = signals.webhooks.notified() => outbox_may_hold = true,
                 () = signals.handoff.handed.notified() => {}
