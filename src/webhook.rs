@@ -25,6 +25,9 @@ use crate::store::{Store, WebhookJob, WebhookResult};
 pub const SIGNATURE_HEADER: &str = "x-smsgw-signature";
 /// Webhooks claimed at once, per unit of concurrency.
 const CLAIM_FACTOR: usize = 8;
+/// Most webhooks claimed at once, and handed at once: bounds the sender's memory (~400 bytes
+/// a webhook) and the writer's time on one claim.
+const MOST_HELD: usize = 32_768;
 /// Most results stored in one operation.
 const RESULTS_PER_COMMIT: usize = 512;
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -66,7 +69,7 @@ impl WebhookSender {
         // busy under load) and posted as permits free up; the lease covers the wait.
         // An account that batches takes that many more webhooks per permit.
         let largest_batch = this.live.load().webhook_batches.values().copied().max();
-        let claim_size = concurrency * CLAIM_FACTOR * largest_batch.unwrap_or(1);
+        let claim_size = (concurrency * CLAIM_FACTOR * largest_batch.unwrap_or(1)).min(MOST_HELD);
         let lease_ms = this.config.timeout.as_millis() as i64 * (CLAIM_FACTOR as i64 + 2) + 30_000;
         signals.handoff.open(claim_size, lease_ms);
         let mut outbox_may_hold = true;
