@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use crate::config::WebhooksConfig;
 use crate::message::now_ms;
 use crate::metrics;
-use crate::store::{Store, WebhookJob, WebhookResult};
+use crate::store::{Store, WebhookCopy, WebhookJob, WebhookResult};
 
 pub const SIGNATURE_HEADER: &str = "x-smsgw-signature";
 /// Webhooks claimed at once, per unit of concurrency.
@@ -71,16 +71,11 @@ impl WebhookSender {
         let largest_batch = this.live.load().webhook_batches.values().copied().max();
         let claim_size = (concurrency * CLAIM_FACTOR * largest_batch.unwrap_or(1)).min(MOST_HELD);
         let lease_ms = this.config.timeout.as_millis() as i64 * (CLAIM_FACTOR as i64 + 2) + 30_000;
-        signals.handoff.open(claim_size, lease_ms);
+        signals.handoff.open(claim_size);
         let mut outbox_may_hold = true;
         let mut next_look = Instant::now();
         while !shutdown.is_cancelled() {
-            let mut jobs: Vec<(WebhookJob, Source)> = signals
-                .handoff
-                .take()
-                .into_iter()
-                .map(|job| (job, Source::Handed))
-                .collect();
+            let mut jobs = signals.handoff.take();
             if Instant::now() >= next_look {
                 outbox_may_hold = true;
             }
@@ -90,7 +85,7 @@ impl WebhookSender {
                 if !outbox_may_hold {
                     next_look = Instant::now() + this.until_next_due().await;
                 }
-                jobs.extend(claimed.into_iter().map(|job| (job, Source::Claimed)));
+                jobs.extend(claimed);
             }
             if !jobs.is_empty() {
                 let mut requests = {
@@ -113,9 +108,11 @@ impl WebhookSender {
                     let this = this.clone();
                     let results = results.clone();
                     posts.spawn(async move {
-                        let outcomes = this.deliver(&request).await;
+                        let outcomes = this.deliver(request).await;
                         drop(permit);
-                        let handed = request.jobs.iter().filter(|(_, s)| *s == Source::Handed);
+                        let handed = outcomes
+                            .iter()
+                            .filter(|(job, _)| job.copy == WebhookCopy::Event);
                         this.store.signals().handoff.give_back(handed.count());
                         for outcome in outcomes {
                             let _ = results.send(outcome).await;
@@ -123,8 +120,8 @@ impl WebhookSender {
                     });
                 }
                 for request in unposted.into_iter().chain(requests) {
-                    for (job, _) in request.jobs {
-                        let _ = results.send((job.id, WebhookResult::Unposted)).await;
+                    for job in request.jobs {
+                        let _ = results.send((job, WebhookResult::Unposted)).await;
                     }
                 }
                 while posts.try_join_next().is_some() {}
@@ -143,7 +140,7 @@ impl WebhookSender {
         }
         // Handed and not posted: back to the outbox for the next start.
         for job in signals.handoff.close() {
-            let _ = results.send((job.id, WebhookResult::Unposted)).await;
+            let _ = results.send((job, WebhookResult::Unposted)).await;
         }
         while posts.join_next().await.is_some() {}
         drop(results);
@@ -171,12 +168,15 @@ impl WebhookSender {
 
     /// Posts one request and says what to record of each of its webhooks: delivered, retry
     /// at, or give up.
-    async fn deliver(&self, request: &Request) -> Vec<(i64, WebhookResult)> {
-        let posted = self.post(request).await;
+    async fn deliver(&self, request: Request) -> Vec<(WebhookJob, WebhookResult)> {
+        let posted = self.post(&request).await;
         request
             .jobs
-            .iter()
-            .map(|(job, _)| (job.id, self.outcome(job, &posted)))
+            .into_iter()
+            .map(|job| {
+                let outcome = self.outcome(&job, &posted);
+                (job, outcome)
+            })
             .collect()
     }
 
@@ -204,7 +204,7 @@ impl WebhookSender {
     }
 
     async fn post(&self, request: &Request) -> Result<(), String> {
-        let Some((first, _)) = request.jobs.first() else {
+        let Some(first) = request.jobs.first() else {
             return Ok(());
         };
         let body = request.body();
@@ -242,27 +242,19 @@ fn worth_claiming(free_permits: usize, concurrency: usize) -> bool {
     free_permits > 0 && free_permits >= concurrency.div_ceil(4)
 }
 
-/// Where a job came from: handed by the store as it committed (its room is given back when
-/// posted), or claimed from the outbox.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Handed,
-    Claimed,
-}
-
 /// One webhook request: a single event, or (for an account with `webhook_batch` above 1) a
 /// JSON array of events to the same URL.
 struct Request {
-    jobs: Vec<(WebhookJob, Source)>,
+    jobs: Vec<WebhookJob>,
     array: bool,
 }
 
 impl Request {
     fn body(&self) -> String {
         match self.jobs.as_slice() {
-            [(job, _)] if !self.array => job.payload.clone(),
+            [job] if !self.array => job.payload.clone(),
             jobs => {
-                let events: Vec<&str> = jobs.iter().map(|(job, _)| job.payload.as_str()).collect();
+                let events: Vec<&str> = jobs.iter().map(|job| job.payload.as_str()).collect();
                 format!("[{}]", events.join(","))
             }
         }
@@ -271,25 +263,25 @@ impl Request {
 
 /// Groups jobs into requests: per account and URL, up to the account's batch size each, in
 /// the order the jobs came (so a message's events keep their order within a request).
-fn requests(jobs: Vec<(WebhookJob, Source)>, batch_size: impl Fn(&str) -> usize) -> Vec<Request> {
+fn requests(jobs: Vec<WebhookJob>, batch_size: impl Fn(&str) -> usize) -> Vec<Request> {
     let mut requests: Vec<Request> = Vec::new();
     let mut open: HashMap<(String, String), usize> = HashMap::new();
-    for (job, source) in jobs {
+    for job in jobs {
         let size = batch_size(&job.account);
         if size <= 1 {
             requests.push(Request {
-                jobs: vec![(job, source)],
+                jobs: vec![job],
                 array: false,
             });
             continue;
         }
         let key = (job.account.clone(), job.url.clone());
         match open.get(&key) {
-            Some(&i) if requests[i].jobs.len() < size => requests[i].jobs.push((job, source)),
+            Some(&i) if requests[i].jobs.len() < size => requests[i].jobs.push(job),
             _ => {
                 open.insert(key, requests.len());
                 requests.push(Request {
-                    jobs: vec![(job, source)],
+                    jobs: vec![job],
                     array: true,
                 });
             }
@@ -301,7 +293,10 @@ fn requests(jobs: Vec<(WebhookJob, Source)>, batch_size: impl Fn(&str) -> usize)
 /// Stores post results as they come, in batches. A result that cannot be stored leaves its
 /// webhook leased: it is posted again when the lease ends (at-least-once). A webhook that is
 /// waiting again wakes the sender's next look at the outbox.
-async fn record_results(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<(i64, WebhookResult)>) {
+async fn record_results(
+    store: Arc<dyn Store>,
+    mut outcomes: mpsc::Receiver<(WebhookJob, WebhookResult)>,
+) {
     let mut batch = Vec::with_capacity(RESULTS_PER_COMMIT);
     while let Some(first) = outcomes.recv().await {
         batch.push(first);
@@ -428,22 +423,22 @@ mod tests {
         );
     }
 
-    fn job(id: i64, account: &str, url: &str) -> (WebhookJob, Source) {
-        let job = WebhookJob {
+    fn job(id: i64, account: &str, url: &str) -> WebhookJob {
+        WebhookJob {
             id,
+            copy: WebhookCopy::Outbox,
             account: account.into(),
             url: url.into(),
             payload: format!("{{\"id\":{id}}}"),
             attempts: 1,
             created_at: 0,
-        };
-        (job, Source::Claimed)
+        }
     }
 
     fn ids(requests: &[Request]) -> Vec<Vec<i64>> {
         requests
             .iter()
-            .map(|r| r.jobs.iter().map(|(j, _)| j.id).collect())
+            .map(|r| r.jobs.iter().map(|j| j.id).collect())
             .collect()
     }
 

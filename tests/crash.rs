@@ -2,6 +2,8 @@
 //! SQLite file, and the carrier's record (the simulator runs in this test process, so it
 //! outlives every daemon) is checked against the store: every accepted message was submitted
 //! at least once and ended delivered, and every duplicate submit is one the history owns up to.
+//! The account's webhook receiver (also in this process) must have received every status change
+//! of every stored message at least once: none is lost to a kill between commit and post.
 //!
 //! The seed of the random kill points is printed; `SMSGW_CRASH_SEED=<seed>` replays a run.
 
@@ -32,7 +34,7 @@ const UNCERTAIN: [&str; 2] = ["may or may not have reached", "a duplicate is pos
 const OPEN_COUNT: &str = "SELECT COUNT(*) FROM messages WHERE status NOT IN
     ('delivered', 'undelivered', 'expired', 'failed', 'canceled', 'unknown')";
 
-fn config(db: &Path, carrier: std::net::SocketAddr) -> String {
+fn config(db: &Path, carrier: std::net::SocketAddr, hooks: &str) -> String {
     format!(
         r#"
         [http]
@@ -50,6 +52,8 @@ fn config(db: &Path, carrier: std::net::SocketAddr) -> String {
         [[accounts]]
         name = "a"
         api_keys = ["{hash_a}"]
+        webhook_url = "{hooks}"
+        webhook_secret = "crash-test-secret"
         [[carriers]]
         name = "sim"
         address = "{carrier}"
@@ -124,9 +128,10 @@ async fn sigkill_at_random_points_loses_nothing_and_every_duplicate_is_in_the_hi
         ..smsgw::sim::SimConfig::default()
     })
     .await;
+    let hooks = Hooks::start().await;
     let (dir, db) = temp_db();
     let path = dir.path().join("smsgw.toml");
-    std::fs::write(&path, config(&db, sim.address())).unwrap();
+    std::fs::write(&path, config(&db, sim.address(), &hooks.url)).unwrap();
     let accepted: Accepted = Arc::default();
 
     for round in 0..ROUNDS {
@@ -187,6 +192,32 @@ async fn sigkill_at_random_points_loses_nothing_and_every_duplicate_is_in_the_hi
             .ok()?;
         (open == 0).then_some(())
     })
+    .await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM messages")
+        .fetch_all(&store)
+        .await
+        .unwrap();
+    let expected: HashSet<(String, String)> = ids
+        .iter()
+        .flat_map(|id| ["queued", "sent", "delivered"].map(|s| (id.clone(), s.to_owned())))
+        .collect();
+    eventually(
+        Duration::from_secs(60),
+        "every status change of every message posted",
+        || async {
+            let seen: HashSet<(String, String)> = hooks
+                .bodies()
+                .iter()
+                .map(|(_, event)| {
+                    (
+                        event["message_id"].as_str().unwrap_or("").to_owned(),
+                        event["status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect();
+            expected.is_subset(&seen).then_some(())
+        },
+    )
     .await;
     daemon.terminate();
 
@@ -255,9 +286,11 @@ async fn sigkill_at_random_points_loses_nothing_and_every_duplicate_is_in_the_hi
     assert_eq!(integrity, "ok");
     println!(
         "{} messages stored ({} answered 202), {} submits, {duplicates} duplicates, each \
-         recorded in its history",
+         recorded in its history; {} webhooks received for {} status changes",
         rows.len(),
         accepted.len(),
-        sim.handle.submitted_count()
+        sim.handle.submitted_count(),
+        hooks.raw().len(),
+        expected.len()
     );
 }

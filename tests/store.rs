@@ -216,8 +216,8 @@ async fn a_claimed_message_is_sent_and_delivered_with_webhooks(store: &dyn Store
     );
     assert!(store.claim_webhooks(100, lease()).await.unwrap().is_empty());
     let results = jobs
-        .iter()
-        .map(|j| (j.id, WebhookResult::Delivered))
+        .into_iter()
+        .map(|j| (j, WebhookResult::Delivered))
         .collect();
     store.webhook_results(results).await.unwrap();
     assert_eq!(store.next_webhook_due().await.unwrap(), None);

@@ -1,15 +1,18 @@
 //! Webhooks handed from the store straight to the webhook sender of this process.
 //!
-//! A webhook is written to the outbox in the transaction of the change it reports. Claiming it
-//! back (an UPDATE through an index, a trip through the writer) cost more than writing it. So
-//! while the sender has room, the store writes the row already leased to this process and,
-//! once the transaction has committed, hands the job over in memory. The row stays the durable
-//! copy: if the process dies before posting, the lease ends and the webhook is claimed again,
-//! as a claimed one would be. Without room (no sender running, or a sender that is behind) rows
-//! are written unleased and claimed as before.
+//! A webhook reports a status change and must survive a crash from the commit of that change
+//! on. Writing it to the outbox and deleting it once posted cost the SQLite writer more than
+//! the change itself. So while the sender has room, the store marks the status event as its
+//! durable copy instead (`events.hook`) and, once the transaction has committed, hands the job
+//! over in memory. The store keeps a cursor, `settled_through`: every handed event up to it
+//! has been posted, given up, or written to the outbox by the sender's results. After a crash,
+//! the handed events past it are written to the outbox when the store opens (at-least-once).
+//! Without room (no sender running, or a sender that is behind) webhooks go to the outbox and
+//! are claimed from there.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
@@ -17,17 +20,24 @@ use super::WebhookJob;
 
 #[derive(Debug)]
 pub struct Handoff {
-    /// Jobs the sender will still take: reserved by the store per webhook written leased,
-    /// given back by the sender when a handed job's post is done.
+    /// Jobs the sender will still take: reserved by the store per webhook handed, given back
+    /// by the sender when a handed job's post is done.
     room: AtomicUsize,
     /// No sender takes jobs (before it opens, after it closes): room stays 0.
     closed: AtomicBool,
-    /// The lease a handed row is written with, in milliseconds (the sender's choice).
-    lease_ms: AtomicI64,
-    /// Handed jobs whose transaction has committed, not yet taken by the sender.
-    ready: Mutex<Vec<WebhookJob>>,
-    /// Rings when `ready` gets jobs.
+    state: Mutex<State>,
+    /// Rings when jobs are handed.
     pub handed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Handed jobs whose transaction has committed, not yet taken by the sender.
+    ready: Vec<WebhookJob>,
+    /// The event ids of handed jobs whose result is not recorded yet.
+    unsettled: BTreeSet<i64>,
+    /// The highest event id handed (ids grow with every commit).
+    handed_through: i64,
 }
 
 impl Default for Handoff {
@@ -35,38 +45,35 @@ impl Default for Handoff {
         Handoff {
             room: AtomicUsize::new(0),
             closed: AtomicBool::new(true),
-            lease_ms: AtomicI64::new(0),
-            ready: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
             handed: Notify::new(),
         }
     }
 }
 
 impl Handoff {
-    /// The sender starts taking jobs: at most `room` at a time, leased for `lease_ms`.
-    pub fn open(&self, room: usize, lease_ms: i64) {
-        self.lease_ms.store(lease_ms, Ordering::SeqCst);
+    /// The sender starts taking jobs, at most `room` at a time.
+    pub fn open(&self, room: usize) {
         self.closed.store(false, Ordering::SeqCst);
         self.room.store(room, Ordering::SeqCst);
     }
 
     /// The sender stops: nothing more is handed; returns what was handed and not taken. A job
-    /// whose transaction was still open stays leased and is claimed when its lease ends.
+    /// whose transaction was still open stays unsettled: the next start posts it.
     pub fn close(&self) -> Vec<WebhookJob> {
         self.closed.store(true, Ordering::SeqCst);
         self.room.store(0, Ordering::SeqCst);
         self.take()
     }
 
-    /// The store reserves room for one webhook: `Some(lease_until)` to write it leased and
-    /// hand it after commit, `None` to write it for a claim.
-    pub fn reserve(&self, now: i64) -> Option<i64> {
+    /// The store reserves room for one webhook: true to hand it after commit, false to write
+    /// it to the outbox.
+    pub fn reserve(&self) -> bool {
         self.room
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| {
                 room.checked_sub(1)
             })
-            .ok()
-            .map(|_| now + self.lease_ms.load(Ordering::Acquire))
+            .is_ok()
     }
 
     /// Gives back room reserved for jobs that will not be handed (their transaction failed),
@@ -77,36 +84,64 @@ impl Handoff {
         }
     }
 
-    /// Hands over jobs whose transaction has committed.
+    /// Hands over jobs whose transaction has committed, in event id order.
     pub fn hand(&self, jobs: Vec<WebhookJob>) {
-        if jobs.is_empty() {
+        let Some(last) = jobs.last().map(|job| job.id) else {
             return;
-        }
-        self.ready
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend(jobs);
+        };
+        let mut state = self.state();
+        state.unsettled.extend(jobs.iter().map(|job| job.id));
+        state.handed_through = state.handed_through.max(last);
+        state.ready.extend(jobs);
+        drop(state);
         self.handed.notify_one();
     }
 
     /// The handed jobs, oldest first.
     pub fn take(&self) -> Vec<WebhookJob> {
-        std::mem::take(
-            &mut *self
-                .ready
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
+        std::mem::take(&mut self.state().ready)
+    }
+
+    /// Marks handed events settled by results about to be stored, and returns the cursor to
+    /// store with them: every event handed up to it is settled. `None` before any handing.
+    pub fn settle(&self, events: &[i64]) -> Option<i64> {
+        let mut state = self.state();
+        for id in events {
+            state.unsettled.remove(id);
+        }
+        match state.unsettled.first() {
+            Some(first) => Some(first - 1),
+            None => (state.handed_through > 0).then_some(state.handed_through),
+        }
+    }
+
+    /// Takes back a settlement whose results could not be stored: the cursor stays before
+    /// those events, so a restart posts them again.
+    pub fn unsettle(&self, events: &[i64]) {
+        self.state().unsettled.extend(events);
+    }
+
+    /// Handed webhooks whose result is not stored yet.
+    pub fn unsettled(&self) -> usize {
+        self.state().unsettled.len()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::WebhookCopy;
 
     fn job(id: i64) -> WebhookJob {
         WebhookJob {
             id,
+            copy: WebhookCopy::Event,
             account: "a".into(),
             url: "http://127.0.0.1:9/".into(),
             payload: "{}".into(),
@@ -118,19 +153,19 @@ mod tests {
     #[test]
     fn nothing_is_handed_until_a_sender_opens_and_then_only_its_room() {
         let handoff = Handoff::default();
-        assert_eq!(handoff.reserve(1_000), None);
-        handoff.open(2, 30_000);
-        assert_eq!(handoff.reserve(1_000), Some(31_000));
-        assert_eq!(handoff.reserve(1_000), Some(31_000));
-        assert_eq!(handoff.reserve(1_000), None);
+        assert!(!handoff.reserve());
+        handoff.open(2);
+        assert!(handoff.reserve());
+        assert!(handoff.reserve());
+        assert!(!handoff.reserve());
         handoff.give_back(1);
-        assert_eq!(handoff.reserve(1_000), Some(31_000));
+        assert!(handoff.reserve());
     }
 
     #[test]
     fn closing_stops_the_handing_and_returns_what_was_not_taken() {
         let handoff = Handoff::default();
-        handoff.open(8, 30_000);
+        handoff.open(8);
         handoff.hand(vec![job(1), job(2)]);
         assert_eq!(
             handoff.take().iter().map(|j| j.id).collect::<Vec<_>>(),
@@ -141,9 +176,23 @@ mod tests {
             handoff.close().iter().map(|j| j.id).collect::<Vec<_>>(),
             [3]
         );
-        assert_eq!(handoff.reserve(0), None);
+        assert!(!handoff.reserve());
         // Posts that finish after the close give nothing back.
         handoff.give_back(3);
-        assert_eq!(handoff.reserve(0), None);
+        assert!(!handoff.reserve());
+    }
+
+    #[test]
+    fn the_cursor_stops_before_the_oldest_unsettled_event() {
+        let handoff = Handoff::default();
+        assert_eq!(handoff.settle(&[]), None);
+        handoff.hand(vec![job(4), job(7)]);
+        handoff.hand(vec![job(9)]);
+        assert_eq!(handoff.settle(&[7, 9]), Some(3));
+        assert_eq!(handoff.unsettled(), 1);
+        handoff.unsettle(&[9]);
+        assert_eq!(handoff.settle(&[4]), Some(8));
+        assert_eq!(handoff.settle(&[9]), Some(9));
+        assert_eq!(handoff.unsettled(), 0);
     }
 }

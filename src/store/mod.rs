@@ -410,15 +410,27 @@ impl StoreRules {
     }
 }
 
-/// A webhook to post, leased to this process.
+/// A webhook to post, held by this process until its result is recorded.
 #[derive(Debug, Clone)]
 pub struct WebhookJob {
+    /// The outbox row's id, or (for [`WebhookCopy::Event`]) the status event's.
     pub id: i64,
+    pub copy: WebhookCopy,
     pub account: String,
     pub url: String,
     pub payload: String,
     pub attempts: u32,
     pub created_at: i64,
+}
+
+/// Where a webhook's durable copy is while it is being posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookCopy {
+    /// An outbox row, claimed (leased) from the outbox.
+    Outbox,
+    /// Only the status event it reports: handed by the store in memory (see [`Handoff`]).
+    /// A result other than delivered or given up writes it to the outbox.
+    Event,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,7 +454,7 @@ pub struct Signals {
     pub queue: Notify,
     /// A webhook was written to the outbox for a claim, or one is due again.
     pub webhooks: Notify,
-    /// Webhooks written leased to this process's sender and handed to it in memory.
+    /// Webhooks handed to this process's sender in memory, without an outbox row.
     pub handoff: Handoff,
 }
 
@@ -624,8 +636,12 @@ pub trait Store: Send + Sync + 'static {
         lease_until: i64,
     ) -> Result<Vec<WebhookJob>, StoreError>;
 
-    /// Records the outcome of posted webhooks, many at once.
-    async fn webhook_results(&self, results: Vec<(i64, WebhookResult)>) -> Result<(), StoreError>;
+    /// Records the outcome of posted webhooks, many at once. One caller at a time (the
+    /// sender's recorder): the results of handed webhooks settle them in that order.
+    async fn webhook_results(
+        &self,
+        results: Vec<(WebhookJob, WebhookResult)>,
+    ) -> Result<(), StoreError>;
 
     /// When the earliest pending webhook is due (ms), if any.
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;

@@ -719,7 +719,12 @@ impl Store for PostgresStore {
         }
     }
 
-    async fn webhook_results(&self, results: Vec<(i64, WebhookResult)>) -> Result<(), StoreError> {
+    async fn webhook_results(
+        &self,
+        results: Vec<(WebhookJob, WebhookResult)>,
+    ) -> Result<(), StoreError> {
+        // Every job here was claimed from the outbox: this store hands nothing over.
+        let results = results.into_iter().map(|(job, r)| (job.id, r)).collect();
         self.call(Op::WebhookResults(results)).await.map(|_| ())
     }
 
@@ -1852,6 +1857,7 @@ async fn claim_webhooks(
     rows.iter()
         .map(|r| {
             Ok(WebhookJob {
+                copy: WebhookCopy::Outbox,
                 id: r.try_get("id")?,
                 account: r.try_get("account")?,
                 url: r.try_get("url")?,

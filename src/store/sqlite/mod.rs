@@ -150,7 +150,11 @@ enum Op {
         limit: usize,
         lease_until: i64,
     },
-    WebhookResults(Vec<(i64, WebhookResult)>),
+    WebhookResults {
+        results: Vec<(WebhookJob, WebhookResult)>,
+        /// The handoff's cursor after these results (see [`Handoff::settle`]).
+        settled_through: Option<i64>,
+    },
     TakeUnmatched {
         carrier: String,
         received_before: i64,
@@ -183,9 +187,10 @@ struct Wake {
     clock: Arc<PolicyClock>,
     maybe: Arc<MaybeRows>,
     signals: Arc<Signals>,
+    event_ids: Arc<EventIds>,
     queue: bool,
     webhooks: bool,
-    /// Webhooks written leased to this process's sender, handed to it once committed.
+    /// Webhooks whose event is their durable copy, handed to the sender once committed.
     handed: Vec<WebhookJob>,
 }
 
@@ -195,12 +200,14 @@ impl Wake {
         clock: &Arc<PolicyClock>,
         maybe: &Arc<MaybeRows>,
         signals: &Arc<Signals>,
+        event_ids: &Arc<EventIds>,
     ) -> Wake {
         Wake {
             rules: rules.clone(),
             clock: clock.clone(),
             maybe: maybe.clone(),
             signals: signals.clone(),
+            event_ids: event_ids.clone(),
             queue: false,
             webhooks: false,
             handed: Vec::new(),
@@ -362,7 +369,14 @@ impl SqliteStore {
             .run(&migrations)
             .await?;
         migrations.close().await;
-        let writer = open_writer(path)?;
+        let mut writer = open_writer(path)?;
+        let recovered = recover_webhooks(&mut writer)?;
+        if recovered > 0 {
+            tracing::info!(
+                webhooks = recovered,
+                "webhooks that were being posted when the last run ended: posted again"
+            );
+        }
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.clone().read_only(true))
@@ -780,8 +794,25 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn webhook_results(&self, results: Vec<(i64, WebhookResult)>) -> Result<(), StoreError> {
-        self.call(Op::WebhookResults(results)).await.map(|_| ())
+    async fn webhook_results(
+        &self,
+        results: Vec<(WebhookJob, WebhookResult)>,
+    ) -> Result<(), StoreError> {
+        let handoff = &self.signals.handoff;
+        let events: Vec<i64> = results
+            .iter()
+            .filter(|(job, _)| job.copy == WebhookCopy::Event)
+            .map(|(job, _)| job.id)
+            .collect();
+        let settled_through = handoff.settle(&events);
+        let op = Op::WebhookResults {
+            results,
+            settled_through,
+        };
+        self.call(op)
+            .await
+            .map(|_| ())
+            .inspect_err(|_| handoff.unsettle(&events))
     }
 
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError> {
@@ -820,10 +851,11 @@ impl Store for SqliteStore {
         )
         .fetch_one(&self.readers)
         .await?;
+        let handed = self.signals.handoff.unsettled() as i64;
         Ok((
             row.try_get("queued")?,
             row.try_get("oldest")?,
-            row.try_get("webhooks")?,
+            row.try_get::<i64, _>("webhooks")? + handed,
         ))
     }
 
@@ -961,6 +993,13 @@ fn run_writer(
     if let Ok(Some(at)) = dated {
         clock.expect_change_at(at);
     }
+    let event_ids = match EventIds::read(&conn) {
+        Ok(ids) => Arc::new(ids),
+        Err(error) => {
+            tracing::error!(%error, "reading the last event id failed; the store takes no writes");
+            return;
+        }
+    };
     // Until the first claim looks, assume both side tables hold rows.
     let maybe = Arc::new(MaybeRows::default());
     MaybeRows::set(&maybe.early_receipts, true);
@@ -983,7 +1022,7 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut wake = Wake::new(&rules, &clock, &maybe, &signals);
+        let mut wake = Wake::new(&rules, &clock, &maybe, &signals, &event_ids);
         match apply_batch(&mut conn, &batch, &mut wake) {
             Ok(replies) => {
                 for (job, reply) in batch.drain(..).zip(replies) {
@@ -1000,7 +1039,7 @@ fn run_writer(
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "group commit failed; applying one by one");
                 recovery.after_failure(&conn, &error);
-                wake = Wake::new(&rules, &clock, &maybe, &signals);
+                wake = Wake::new(&rules, &clock, &maybe, &signals, &event_ids);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
                     let result = apply_batch(&mut conn, single, &mut wake)
@@ -1126,8 +1165,11 @@ fn apply(tx: &Tx, op: &Op, now: i64, wake: &mut Wake) -> Result<Reply, StoreErro
         Op::ClaimWebhooks { limit, lease_until } => {
             Reply::Webhooks(claim_webhooks(tx, *limit, *lease_until, now)?)
         }
-        Op::WebhookResults(results) => {
-            webhook_results(tx, results)?;
+        Op::WebhookResults {
+            results,
+            settled_through,
+        } => {
+            webhook_results(tx, results, *settled_through, now, wake)?;
             Reply::Done
         }
         Op::TakeUnmatched {
@@ -1430,10 +1472,16 @@ fn claim(
         } else {
             Vec::new()
         };
-        run(
+        let detail = format!("attempt {attempt}");
+        insert_event(
             tx,
-            "INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, 'sending', ?3)",
-            params![row.id, now, format!("attempt {attempt}")],
+            wake,
+            &row.id,
+            now,
+            Status::Sending,
+            Some(&detail),
+            None,
+            false,
         )?;
         claimed.push(Claimed {
             id: parse_id(&row.id)?,
@@ -1702,11 +1750,7 @@ fn apply_receipt(
         }
         // A receipt that changes nothing (intermediate, one part of several, late) is history.
         None => {
-            run(
-                tx,
-                "INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![id, now, current.as_str(), detail],
-            )?;
+            insert_event(tx, wake, id, now, current, Some(&detail), None, false)?;
         }
     }
     Ok(ReceiptMatch::Matched)
@@ -1772,7 +1816,7 @@ fn store_inbound(
             "keyword": keyword,
             "received_at": rfc3339(now),
         });
-        enqueue_webhook(tx, account, url, &payload.to_string(), now, wake)?;
+        enqueue_webhook(tx, account, url, &payload.to_string(), now, now, wake)?;
     }
     Ok(())
 }
@@ -1919,6 +1963,7 @@ fn claim_webhooks(
         |r| {
             Ok(WebhookJob {
                 id: r.get(0)?,
+                copy: WebhookCopy::Outbox,
                 account: r.get(1)?,
                 url: r.get(2)?,
                 payload: r.get(3)?,
@@ -1930,34 +1975,76 @@ fn claim_webhooks(
 }
 
 /// Records post results: delivered and given-up webhooks leave the outbox, retries are
-/// rescheduled.
-fn webhook_results(tx: &Tx, results: &[(i64, WebhookResult)]) -> Result<(), StoreError> {
-    for (id, result) in results {
-        match result {
-            WebhookResult::Delivered => {
-                run(tx, "DELETE FROM webhooks WHERE id = ?1", [id])?;
+/// rescheduled. A handed webhook has no row: it gets one only to wait again; and the cursor
+/// moves past the handed webhooks now settled.
+fn webhook_results(
+    tx: &Tx,
+    results: &[(WebhookJob, WebhookResult)],
+    settled_through: Option<i64>,
+    now: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    for (job, result) in results {
+        if let WebhookResult::GiveUp { error } = result {
+            tracing::warn!(webhook = job.id, %error, "webhook given up after its retry period");
+        }
+        match (job.copy, result) {
+            (WebhookCopy::Outbox, WebhookResult::Delivered | WebhookResult::GiveUp { .. }) => {
+                run(tx, "DELETE FROM webhooks WHERE id = ?1", [job.id])?;
             }
-            WebhookResult::GiveUp { error } => {
-                tracing::warn!(webhook = id, %error, "webhook given up after its retry period");
-                run(tx, "DELETE FROM webhooks WHERE id = ?1", [id])?;
-            }
-            WebhookResult::RetryAt { at, error } => {
+            (WebhookCopy::Outbox, WebhookResult::RetryAt { at, error }) => {
                 run(
                     tx,
                     "UPDATE webhooks SET due_at = ?2, locked_until = NULL, last_error = ?3
                      WHERE id = ?1",
-                    params![id, at, error],
+                    params![job.id, at, error],
                 )?;
             }
-            WebhookResult::Unposted => {
+            (WebhookCopy::Outbox, WebhookResult::Unposted) => {
                 run(
                     tx,
                     "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1
                      WHERE id = ?1",
-                    [id],
+                    [job.id],
+                )?;
+            }
+            (WebhookCopy::Event, WebhookResult::Delivered | WebhookResult::GiveUp { .. }) => {}
+            (WebhookCopy::Event, WebhookResult::RetryAt { at, error }) => {
+                run(
+                    tx,
+                    "INSERT INTO webhooks (account, url, payload, attempts, created_at, due_at,
+                         last_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        job.account,
+                        job.url,
+                        job.payload,
+                        job.attempts,
+                        job.created_at,
+                        at,
+                        error
+                    ],
+                )?;
+            }
+            (WebhookCopy::Event, WebhookResult::Unposted) => {
+                enqueue_webhook(
+                    tx,
+                    &job.account,
+                    &job.url,
+                    &job.payload,
+                    job.created_at,
+                    now,
+                    wake,
                 )?;
             }
         }
+    }
+    if let Some(through) = settled_through {
+        run(
+            tx,
+            "UPDATE webhook_journal SET settled_through = ?1 WHERE settled_through < ?1",
+            [through],
+        )?;
     }
     Ok(())
 }
@@ -2039,8 +2126,9 @@ struct StatusPayload<'a> {
     at: String,
 }
 
-/// Records a status change in the history and, when the message has a webhook, in the outbox.
-/// `sending` is an internal step and is not posted.
+/// Records a status change in the history and, when the message has a webhook, posts it: handed
+/// to the sender with the event as its durable copy while the sender has room, else through
+/// the outbox. `sending` is an internal step and is not posted.
 #[allow(clippy::too_many_arguments)]
 fn add_event(
     tx: &Tx,
@@ -2052,65 +2140,197 @@ fn add_event(
     target: &WebhookTarget,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
-    run(
-        tx,
-        "INSERT INTO events (message_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![id, now, status.as_str(), detail],
-    )?;
     crate::metrics::status_change(&target.account, status.as_str());
-    if let Some(url) = target.url.as_ref().filter(|_| status != Status::Sending) {
-        let payload = StatusPayload {
-            kind: "message.status",
-            message_id: id,
-            reference: target.reference.as_deref(),
-            status,
-            detail,
-            error_code,
-            at: rfc3339(now),
-        };
-        let payload = serde_json::to_string(&payload)
-            .map_err(|e| StoreError::Corrupt(format!("webhook payload: {e}")))?;
-        enqueue_webhook(tx, &target.account, url, &payload, now, wake)?;
+    let Some(url) = target.url.as_ref().filter(|_| status != Status::Sending) else {
+        insert_event(tx, wake, id, now, status, detail, error_code, false)?;
+        return Ok(());
+    };
+    let event = EventPayload {
+        message_id: id,
+        reference: target.reference.as_deref(),
+        status,
+        detail,
+        error_code,
+        at: now,
+    };
+    let payload = event.to_json()?;
+    if !wake.signals.handoff.reserve() {
+        insert_event(tx, wake, id, now, status, detail, error_code, false)?;
+        return enqueue_webhook(tx, &target.account, url, &payload, now, now, wake);
     }
+    let event_id = insert_event(tx, wake, id, now, status, detail, error_code, true)
+        .inspect_err(|_| wake.signals.handoff.give_back(1))?;
+    wake.handed.push(WebhookJob {
+        id: event_id,
+        copy: WebhookCopy::Event,
+        account: target.account.clone(),
+        url: url.clone(),
+        payload,
+        attempts: 1,
+        created_at: now,
+    });
     Ok(())
 }
 
+/// Appends to a message's history; `hook`: the event is the durable copy of a handed webhook.
+/// Returns the event's id.
+#[allow(clippy::too_many_arguments)]
+fn insert_event(
+    tx: &Tx,
+    wake: &Wake,
+    message_id: &str,
+    at: i64,
+    status: Status,
+    detail: Option<&str>,
+    error_code: Option<&str>,
+    hook: bool,
+) -> Result<i64, StoreError> {
+    let id = wake.event_ids.next();
+    run(
+        tx,
+        "INSERT INTO events (id, message_id, at, status, detail, error_code, hook)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            message_id,
+            at,
+            status.as_str(),
+            detail,
+            error_code,
+            hook.then_some(1)
+        ],
+    )?;
+    Ok(id)
+}
+
+/// Event ids, given by the writer rather than by SQLite, which would reuse the ids of the
+/// newest events after an erasure deleted them: the webhook cursor needs ids that only grow.
+struct EventIds {
+    next: AtomicI64,
+}
+
+impl EventIds {
+    fn read(conn: &rusqlite::Connection) -> Result<EventIds, StoreError> {
+        let last: i64 = one(
+            conn,
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM events), 0),
+                        (SELECT settled_through FROM webhook_journal))",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(EventIds {
+            next: AtomicI64::new(last + 1),
+        })
+    }
+
+    /// A rolled-back transaction leaves a gap, which is harmless.
+    fn next(&self) -> i64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A status change as its `message.status` webhook reports it.
+struct EventPayload<'a> {
+    message_id: &'a str,
+    reference: Option<&'a str>,
+    status: Status,
+    detail: Option<&'a str>,
+    error_code: Option<&'a str>,
+    at: i64,
+}
+
+impl EventPayload<'_> {
+    fn to_json(&self) -> Result<String, StoreError> {
+        let payload = StatusPayload {
+            kind: "message.status",
+            message_id: self.message_id,
+            reference: self.reference,
+            status: self.status,
+            detail: self.detail,
+            error_code: self.error_code,
+            at: rfc3339(self.at),
+        };
+        serde_json::to_string(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("webhook payload: {e}")))
+    }
+}
+
+/// Writes a webhook to the outbox, waiting from `due_at`.
 fn enqueue_webhook(
     tx: &Tx,
     account: &str,
     url: &str,
     payload: &str,
-    now: i64,
+    created_at: i64,
+    due_at: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
-    let Some(lease_until) = wake.signals.handoff.reserve(now) else {
-        run(
-            tx,
-            "INSERT INTO webhooks (account, url, payload, created_at, due_at)
-             VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![account, url, payload, now],
-        )?;
-        wake.webhooks = true;
-        return Ok(());
-    };
-    let id = one(
+    run(
         tx,
-        "INSERT INTO webhooks (account, url, payload, attempts, created_at, due_at, locked_until)
-         VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5)
-         RETURNING id",
-        params![account, url, payload, now, lease_until],
-        |r| r.get(0),
-    )
-    .inspect_err(|_| wake.signals.handoff.give_back(1))?;
-    wake.handed.push(WebhookJob {
-        id,
-        account: account.to_owned(),
-        url: url.to_owned(),
-        payload: payload.to_owned(),
-        attempts: 1,
-        created_at: now,
-    });
+        "INSERT INTO webhooks (account, url, payload, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![account, url, payload, created_at, due_at],
+    )?;
+    wake.webhooks = true;
     Ok(())
+}
+
+/// After a crash: the handed webhooks whose results were not stored (their events are past the
+/// cursor) go to the outbox, to be posted again, and the outbox rows a dead process had leased
+/// wait again at once (one process writes a SQLite store). Runs once, before the writer starts.
+fn recover_webhooks(conn: &mut rusqlite::Connection) -> Result<usize, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = now_ms();
+    let released = run(
+        &tx,
+        "UPDATE webhooks SET locked_until = NULL WHERE locked_until IS NOT NULL",
+        [],
+    )?;
+    let unsettled = rows(
+        &tx,
+        "SELECT e.id, e.message_id, e.at, e.status, e.detail, e.error_code, m.account,
+                m.webhook_url, m.reference
+         FROM events e JOIN messages m ON m.id = e.message_id
+         WHERE e.id > (SELECT settled_through FROM webhook_journal) AND e.hook = 1
+               AND m.webhook_url IS NOT NULL
+         ORDER BY e.id",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, Option<String>>(8)?,
+            ))
+        },
+    )?;
+    for (message_id, at, status, detail, error_code, account, url, reference) in &unsettled {
+        let payload = EventPayload {
+            message_id,
+            reference: reference.as_deref(),
+            status: parse_status(status)?,
+            detail: detail.as_deref(),
+            error_code: error_code.as_deref(),
+            at: *at,
+        }
+        .to_json()?;
+        run(
+            &tx,
+            "INSERT INTO webhooks (account, url, payload, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![account, url, payload, at, now],
+        )?;
+    }
+    run(
+        &tx,
+        "UPDATE webhook_journal SET settled_through = MAX(settled_through,
+             COALESCE((SELECT MAX(id) FROM events), 0))",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(unsettled.len() + released as usize)
 }
 
 /// Reads the `account, webhook_url, reference` columns of a message row.
