@@ -285,9 +285,12 @@ fn start_receipt_upkeep(
 /// Publishes the queue depth and the webhook backlog every few seconds.
 async fn sample_backlog(store: Arc<dyn Store>, stop: CancellationToken) {
     loop {
-        if let Ok((queued, oldest, webhooks)) = store.backlog().await {
-            let age = oldest.map_or(0, |created| message::now_ms() - created);
-            metrics::backlog(queued, age, webhooks);
+        if let Ok((queued, earliest_due, webhooks)) = store.backlog().await {
+            metrics::backlog(
+                queued,
+                metrics::overdue_ms(earliest_due, message::now_ms()),
+                webhooks,
+            );
         }
         tokio::select! {
             () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}

@@ -165,10 +165,16 @@ pub fn webhook(result: &'static str) {
     counter!("smsgw_webhook_attempts_total", "result" => result).increment(1);
 }
 
+/// How long the most overdue waiting message has been due: a queue that drains keeps this
+/// near 0, and a message scheduled for later does not count until it is due.
+pub fn overdue_ms(earliest_due: Option<i64>, now: i64) -> i64 {
+    earliest_due.map_or(0, |due| (now - due).max(0))
+}
+
 /// Queue and outbox, sampled periodically.
-pub fn backlog(queued: i64, oldest_queued_age_ms: i64, webhooks: i64) {
+pub fn backlog(queued: i64, overdue_ms: i64, webhooks: i64) {
     gauge!("smsgw_queue_depth").set(queued as f64);
-    gauge!("smsgw_queue_oldest_age_seconds").set(oldest_queued_age_ms.max(0) as f64 / 1000.0);
+    gauge!("smsgw_queue_oldest_age_seconds").set(overdue_ms.max(0) as f64 / 1000.0);
     gauge!("smsgw_webhook_backlog").set(webhooks as f64);
 }
 

@@ -259,6 +259,31 @@ async fn a_retry_is_claimed_again_when_due(store: &dyn Store) {
     assert_eq!(claimed[0].attempt, 2);
 }
 
+async fn the_backlog_counts_waiting_messages_and_tells_when_the_earliest_was_due(
+    store: &dyn Store,
+) {
+    assert_eq!(store.backlog().await.unwrap(), (0, None, 0));
+    let overdue_since = now_ms() - 60_000;
+    let late = NewMessage {
+        due_at: overdue_since,
+        ..new_message(TO, Category::Marketing, None)
+    };
+    let tomorrow = NewMessage {
+        status: Status::Scheduled,
+        due_at: now_ms() + 86_400_000,
+        ..new_message(TO, Category::Marketing, None)
+    };
+    submit(store, vec![tomorrow.clone()]).await;
+    let (queued, earliest_due, _) = store.backlog().await.unwrap();
+    assert_eq!((queued, earliest_due), (1, Some(tomorrow.due_at)));
+    // A message scheduled for later is waiting, but not late: the queue's age stays 0.
+    assert_eq!(smsgw::metrics::overdue_ms(earliest_due, now_ms()), 0);
+    submit(store, vec![late]).await;
+    let (queued, earliest_due, _) = store.backlog().await.unwrap();
+    assert_eq!((queued, earliest_due), (2, Some(overdue_since)));
+    assert!(smsgw::metrics::overdue_ms(earliest_due, now_ms()) >= 60_000);
+}
+
 async fn only_ended_leases_are_released(store: &dyn Store) {
     submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
     submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
@@ -540,6 +565,7 @@ conformance!(
     a_claimed_message_is_sent_and_delivered_with_webhooks,
     a_receipt_before_its_submit_resp_is_parked_then_applied,
     a_retry_is_claimed_again_when_due,
+    the_backlog_counts_waiting_messages_and_tells_when_the_earliest_was_due,
     only_ended_leases_are_released,
     an_opt_out_refuses_waiting_and_new_marketing,
     an_opt_out_after_submission_stops_the_message_at_send_time,

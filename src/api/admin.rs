@@ -42,7 +42,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn status(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
-    let (queued, oldest, webhooks) = state.store.backlog().await?;
+    let (queued, earliest_due, webhooks) = state.store.backlog().await?;
     let carriers: Vec<Value> = state
         .carriers
         .carriers()
@@ -64,7 +64,7 @@ async fn status(State(state): State<AdminState>) -> Result<Json<Value>, ApiError
         "carriers": carriers,
         "queue": {
             "waiting": queued,
-            "oldest_age_seconds": oldest.map(|t| (now_ms() - t) / 1000),
+            "oldest_age_seconds": crate::metrics::overdue_ms(earliest_due, now_ms()) / 1000,
         },
         "webhook_backlog": webhooks,
     })))

@@ -651,7 +651,8 @@ pub trait Store: Send + Sync + 'static {
     async fn purge(&self, cutoffs: Cutoffs, limit: u32, dry_run: bool)
     -> Result<Purge, StoreError>;
 
-    /// Messages waiting, the creation time of the oldest (ms), and webhooks waiting.
+    /// Messages waiting, when the earliest of them is due (ms; as `next_due`: read from the
+    /// claim's index, not from every waiting row), and webhooks waiting.
     async fn backlog(&self) -> Result<(i64, Option<i64>, i64), StoreError>;
 
     /// Answers when the database can be read (for `/readyz`).

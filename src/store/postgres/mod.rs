@@ -758,15 +758,13 @@ impl Store for PostgresStore {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM messages WHERE status IN ('queued', 'scheduled'))
                         AS queued,
-                    (SELECT MIN(created_at) FROM messages WHERE status IN ('queued', 'scheduled'))
-                        AS oldest,
                     (SELECT COUNT(*) FROM webhooks) AS webhooks",
         )
         .fetch_one(&self.readers)
         .await?;
         Ok((
             row.try_get("queued")?,
-            row.try_get("oldest")?,
+            self.next_due().await?,
             row.try_get("webhooks")?,
         ))
     }

@@ -847,8 +847,6 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM messages WHERE status IN ('queued', 'scheduled'))
                         AS queued,
-                    (SELECT MIN(created_at) FROM messages WHERE status IN ('queued', 'scheduled'))
-                        AS oldest,
                     (SELECT COUNT(*) FROM webhooks) AS webhooks",
         )
         .fetch_one(&self.readers)
@@ -856,7 +854,7 @@ impl Store for SqliteStore {
         let handed = self.signals.handoff.unsettled() as i64;
         Ok((
             row.try_get("queued")?,
-            row.try_get("oldest")?,
+            self.next_due().await?,
             row.try_get::<i64, _>("webhooks")? + handed,
         ))
     }
