@@ -402,6 +402,34 @@ impl Hooks {
     pub fn raw(&self) -> Vec<(HeaderMap, String)> {
         self.received.lock().unwrap().clone()
     }
+
+    /// (message id, status) of every status event received, alone or in an array.
+    pub fn statuses(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.bodies()
+            .into_iter()
+            .flat_map(|(_, body)| match body {
+                Value::Array(events) => events,
+                event => vec![event],
+            })
+            .map(|event| {
+                (
+                    event["message_id"].as_str().unwrap_or("").to_owned(),
+                    event["status"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The webhooks a message sent and delivered at the first attempt reports: (id, status).
+pub fn sent_and_delivered<'a>(
+    ids: impl IntoIterator<Item = &'a String>,
+) -> std::collections::BTreeSet<(String, String)> {
+    ids.into_iter()
+        .flat_map(|id| {
+            ["queued", "sent", "delivered"].map(|status| (id.clone(), status.to_owned()))
+        })
+        .collect()
 }
 
 /// A temporary directory with the database path inside.

@@ -2165,15 +2165,26 @@ fn add_events(
 
 /// The body of a `message.status` webhook.
 #[derive(serde::Serialize)]
+#[serde(tag = "type", rename = "message.status")]
 struct StatusPayload<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
     message_id: &'a str,
     reference: Option<&'a str>,
     status: Status,
     detail: Option<&'a str>,
     error_code: Option<&'a str>,
-    at: String,
+    #[serde(serialize_with = "as_rfc3339")]
+    at: i64,
+}
+
+impl StatusPayload<'_> {
+    fn to_json(&self) -> Result<String, StoreError> {
+        serde_json::to_string(self)
+            .map_err(|e| StoreError::Corrupt(format!("webhook payload: {e}")))
+    }
+}
+
+fn as_rfc3339<S: serde::Serializer>(at: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&rfc3339(*at))
 }
 
 /// Records a status change in the history and, when the message has a webhook, posts it: handed
@@ -2195,7 +2206,7 @@ fn add_event(
         insert_event(tx, wake, id, now, status, detail, error_code, false)?;
         return Ok(());
     };
-    let event = EventPayload {
+    let event = StatusPayload {
         message_id: id,
         reference: target.reference.as_deref(),
         status,
@@ -2279,32 +2290,6 @@ impl EventIds {
     }
 }
 
-/// A status change as its `message.status` webhook reports it.
-struct EventPayload<'a> {
-    message_id: &'a str,
-    reference: Option<&'a str>,
-    status: Status,
-    detail: Option<&'a str>,
-    error_code: Option<&'a str>,
-    at: i64,
-}
-
-impl EventPayload<'_> {
-    fn to_json(&self) -> Result<String, StoreError> {
-        let payload = StatusPayload {
-            kind: "message.status",
-            message_id: self.message_id,
-            reference: self.reference,
-            status: self.status,
-            detail: self.detail,
-            error_code: self.error_code,
-            at: rfc3339(self.at),
-        };
-        serde_json::to_string(&payload)
-            .map_err(|e| StoreError::Corrupt(format!("webhook payload: {e}")))
-    }
-}
-
 /// Writes a webhook to the outbox, waiting from `due_at`.
 fn enqueue_webhook(
     tx: &Tx,
@@ -2358,7 +2343,7 @@ fn recover_webhooks(conn: &mut rusqlite::Connection) -> Result<usize, StoreError
         },
     )?;
     for (message_id, at, status, detail, error_code, account, url, reference) in &unsettled {
-        let payload = EventPayload {
+        let payload = StatusPayload {
             message_id,
             reference: reference.as_deref(),
             status: parse_status(status)?,
