@@ -291,8 +291,9 @@ fn requests(jobs: Vec<WebhookJob>, batch_size: impl Fn(&str) -> usize) -> Vec<Re
 }
 
 /// Stores post results as they come, in batches. A result that cannot be stored leaves its
-/// webhook leased: it is posted again when the lease ends (at-least-once). A webhook that is
-/// waiting again wakes the sender's next look at the outbox.
+/// webhook to be posted again (at-least-once): a claimed one when its lease ends, a handed one
+/// at the next start. A webhook that is waiting again wakes the sender's next look at the
+/// outbox.
 async fn record_results(
     store: Arc<dyn Store>,
     mut outcomes: mpsc::Receiver<(WebhookJob, WebhookResult)>,
