@@ -2060,21 +2060,16 @@ fn webhook_results(
             }
             (WebhookCopy::Event, WebhookResult::Delivered | WebhookResult::GiveUp { .. }) => {}
             (WebhookCopy::Event, WebhookResult::RetryAt { at, error }) => {
-                run(
-                    tx,
-                    "INSERT INTO webhooks (account, url, payload, attempts, created_at, due_at,
-                         last_error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        job.account,
-                        job.url,
-                        job.payload,
-                        job.attempts,
-                        job.created_at,
-                        at,
-                        error
-                    ],
-                )?;
+                let row = OutboxRow {
+                    account: &job.account,
+                    url: &job.url,
+                    payload: &job.payload,
+                    attempts: job.attempts,
+                    created_at: job.created_at,
+                    due_at: *at,
+                    last_error: Some(error),
+                };
+                insert_outbox_row(tx, &row)?;
             }
             (WebhookCopy::Event, WebhookResult::Unposted) => {
                 enqueue_webhook(
@@ -2290,7 +2285,37 @@ impl EventIds {
     }
 }
 
-/// Writes a webhook to the outbox, waiting from `due_at`.
+/// A webhook as the outbox holds it until it is posted.
+struct OutboxRow<'a> {
+    account: &'a str,
+    url: &'a str,
+    payload: &'a str,
+    /// Posts tried so far.
+    attempts: u32,
+    created_at: i64,
+    due_at: i64,
+    last_error: Option<&'a str>,
+}
+
+fn insert_outbox_row(tx: &Tx, row: &OutboxRow<'_>) -> Result<(), StoreError> {
+    run(
+        tx,
+        "INSERT INTO webhooks (account, url, payload, attempts, created_at, due_at, last_error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            row.account,
+            row.url,
+            row.payload,
+            row.attempts,
+            row.created_at,
+            row.due_at,
+            row.last_error
+        ],
+    )?;
+    Ok(())
+}
+
+/// Writes a webhook not tried yet to the outbox, waiting from `due_at`, and wakes the sender.
 fn enqueue_webhook(
     tx: &Tx,
     account: &str,
@@ -2300,11 +2325,16 @@ fn enqueue_webhook(
     due_at: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
-    run(
-        tx,
-        "INSERT INTO webhooks (account, url, payload, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![account, url, payload, created_at, due_at],
-    )?;
+    let row = OutboxRow {
+        account,
+        url,
+        payload,
+        attempts: 0,
+        created_at,
+        due_at,
+        last_error: None,
+    };
+    insert_outbox_row(tx, &row)?;
     wake.webhooks = true;
     Ok(())
 }
@@ -2352,11 +2382,16 @@ fn recover_webhooks(conn: &mut rusqlite::Connection) -> Result<usize, StoreError
             at: *at,
         }
         .to_json()?;
-        run(
-            &tx,
-            "INSERT INTO webhooks (account, url, payload, created_at, due_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![account, url, payload, at, now],
-        )?;
+        let row = OutboxRow {
+            account,
+            url,
+            payload: &payload,
+            attempts: 0,
+            created_at: *at,
+            due_at: now,
+            last_error: None,
+        };
+        insert_outbox_row(&tx, &row)?;
     }
     run(
         &tx,
