@@ -1596,25 +1596,31 @@ fn record_attempt(
     };
     let detail = noted.as_deref();
     // Only a message we hold the claim of moves: a cancel or a restart may have come first.
+    // (A SELECT and an UPDATE: `RETURNING` would build a temporary b-tree for its one row.)
     let row = optional(
         tx,
-        "UPDATE messages SET status = ?2, detail = ?3, error_code = COALESCE(?4, error_code),
-             carrier = COALESCE(?5, carrier), due_at = COALESCE(?6, due_at),
-             locked_until = NULL, updated_at = ?7
-         WHERE id = ?1 AND status = 'sending'
-         RETURNING account, webhook_url, reference, recipient",
-        params![
-            id,
-            status.as_str(),
-            detail,
-            error_code,
-            result.carrier,
-            due_at,
-            now
-        ],
-        |r| Ok((target_from_row(r)?, r.get::<_, String>("recipient")?)),
+        "SELECT account, webhook_url, reference, recipient FROM messages
+         WHERE id = ?1 AND status = 'sending'",
+        [&id],
+        target_and_recipient,
     )?;
     if let Some((target, recipient)) = row {
+        run(
+            tx,
+            "UPDATE messages SET status = ?2, detail = ?3, error_code = COALESCE(?4, error_code),
+                 carrier = COALESCE(?5, carrier), due_at = COALESCE(?6, due_at),
+                 locked_until = NULL, updated_at = ?7
+             WHERE id = ?1",
+            params![
+                id,
+                status.as_str(),
+                detail,
+                error_code,
+                result.carrier,
+                due_at,
+                now
+            ],
+        )?;
         // A retry is the gateway's own business: it is in the history, not posted.
         let target = WebhookTarget {
             url: target.url.filter(|_| status != Status::Queued),
@@ -1633,13 +1639,21 @@ fn record_attempt(
     let parked = MaybeRows::get(&wake.maybe.early_receipts);
     for part in result.accepted.iter().filter(|_| parked) {
         let key = normalize_id(&part.carrier_message_id);
+        // Most parts have none: a SELECT finds that for less than a `DELETE ... RETURNING`.
         let early = rows(
             tx,
-            "DELETE FROM early_receipts WHERE carrier = ?1 AND carrier_message_id = ?2
-             RETURNING state, error_code",
+            "SELECT state, error_code FROM early_receipts
+             WHERE carrier = ?1 AND carrier_message_id = ?2 ORDER BY rowid",
             params![carrier, key],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
         )?;
+        if !early.is_empty() {
+            run(
+                tx,
+                "DELETE FROM early_receipts WHERE carrier = ?1 AND carrier_message_id = ?2",
+                params![carrier, key],
+            )?;
+        }
         for (state, error_code) in early {
             let receipt = Receipt {
                 carrier_message_id: key.clone(),
@@ -1721,7 +1735,9 @@ fn apply_receipt(
             params![part.rowid, receipt.state.as_str(), now],
         )?;
     }
-    // The common case, a final receipt for a one-part message still open, in one statement.
+    // The common case, a final receipt for a one-part message still open. A SELECT and an
+    // UPDATE cost less than `UPDATE ... RETURNING`, which collects its rows in a temporary
+    // b-tree; lists of two constants at most, for the same reason (migration 0008).
     if receipt.state.is_final() {
         let status = match receipt.state {
             ReceiptState::Delivered => Status::Delivered,
@@ -1731,15 +1747,15 @@ fn apply_receipt(
         let detail = receipt_detail(part.part, 1, receipt);
         let closed = optional(
             tx,
-            "UPDATE messages SET status = ?2, detail = ?3,
-                 error_code = COALESCE(?4, error_code), updated_at = ?5
+            "SELECT account, webhook_url, reference, recipient FROM messages
              WHERE id = ?1 AND segments = 1
-               AND status IN ('queued', 'scheduled', 'sending', 'sent', 'held_suspect')
-             RETURNING account, webhook_url, reference, recipient",
-            params![id, status.as_str(), detail, receipt.error_code, now],
-            |r| Ok((target_from_row(r)?, r.get::<_, String>("recipient")?)),
+               AND (status IN ('sending', 'sent') OR status IN ('queued', 'scheduled')
+                    OR status = 'held_suspect')",
+            [id],
+            target_and_recipient,
         )?;
         if let Some((target, recipient)) = closed {
+            set_final_status(tx, id, status, &detail, receipt, now)?;
             carrier_feedback(tx, &recipient, receipt, status, now, wake)?;
             let code = receipt.error_code.as_deref();
             add_event(tx, id, status, Some(&detail), code, now, &target, wake)?;
@@ -1788,13 +1804,7 @@ fn apply_receipt(
     }
     match next {
         Some(status) => {
-            run(
-                tx,
-                "UPDATE messages SET status = ?2, detail = ?3,
-                     error_code = COALESCE(?4, error_code), updated_at = ?5
-                 WHERE id = ?1",
-                params![id, status.as_str(), detail, receipt.error_code, now],
-            )?;
+            set_final_status(tx, id, status, &detail, receipt, now)?;
             let code = receipt.error_code.as_deref();
             add_event(tx, id, status, Some(&detail), code, now, &target, wake)?;
         }
@@ -1804,6 +1814,25 @@ fn apply_receipt(
         }
     }
     Ok(ReceiptMatch::Matched)
+}
+
+/// Ends a message with a receipt's status.
+fn set_final_status(
+    tx: &Tx,
+    id: &str,
+    status: Status,
+    detail: &str,
+    receipt: &Receipt,
+    now: i64,
+) -> Result<(), StoreError> {
+    run(
+        tx,
+        "UPDATE messages SET status = ?2, detail = ?3, error_code = COALESCE(?4, error_code),
+             updated_at = ?5
+         WHERE id = ?1",
+        params![id, status.as_str(), detail, receipt.error_code, now],
+    )?;
+    Ok(())
 }
 
 /// Carrier feedback on the number, once per message that ends (not per part or duplicate
@@ -2410,6 +2439,10 @@ fn target_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WebhookTarget> {
         url: r.get("webhook_url")?,
         reference: r.get("reference")?,
     })
+}
+
+fn target_and_recipient(r: &rusqlite::Row<'_>) -> rusqlite::Result<(WebhookTarget, String)> {
+    Ok((target_from_row(r)?, r.get("recipient")?))
 }
 
 fn changed_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Changed> {

@@ -357,7 +357,7 @@ fn add_one(
         tx,
         "UPDATE messages SET status = 'refused_opted_out', detail = ?5, updated_at = ?6
          WHERE recipient = ?1 AND account = ?2
-           AND status IN ('queued', 'scheduled', 'held_suspect')
+           AND (status IN ('queued', 'scheduled') OR status = 'held_suspect')
            AND (?3 = '' OR sender = ?3) AND (category = 'marketing' OR NOT ?4)
          RETURNING id, account, webhook_url, reference",
         params![number, account, scope, policy.service_messages, detail, now],
@@ -554,7 +554,7 @@ fn apply_change(
     let waiting = rows(
         tx,
         "SELECT id, account, consent_at FROM messages
-         WHERE recipient = ?1 AND status IN ('queued', 'scheduled', 'held_suspect')
+         WHERE recipient = ?1 AND (status IN ('queued', 'scheduled') OR status = 'held_suspect')
            AND (?2 IS NULL OR account = ?2)",
         params![change.number, change.account],
         |r| {
