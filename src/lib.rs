@@ -13,6 +13,7 @@ pub mod encoding;
 pub mod intake;
 pub mod message;
 pub mod metrics;
+mod numbering;
 pub mod policy;
 pub mod receipt;
 pub mod reload;

@@ -82,11 +82,16 @@ impl Msisdn {
             None => trimmed.to_owned(),
         };
         let number = phonenumber::parse(None, &international).map_err(|_| MsisdnError::Invalid)?;
-        if !phonenumber::is_valid(&number) {
+        if !crate::numbering::is_valid(&number) {
             return Err(MsisdnError::Invalid);
         }
-        let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
-        Ok(Msisdn(e164))
+        // E.164 is the country code and the national number (with its leading zeros): what
+        // `number.format()` writes, without first looking up a display format it does not use.
+        Ok(Msisdn(format!(
+            "+{}{}",
+            number.country().code(),
+            number.national()
+        )))
     }
 
     /// Trusts a value that was normalised before it was stored.
