@@ -189,6 +189,21 @@ fn bench_msisdn(c: &mut Criterion) {
             b.iter(|| Msisdn::parse(black_box(input)))
         });
     }
+    // Traffic to many countries: the mobile example number of 40 regions, in turn.
+    let mixed: Vec<String> = phonenumber::metadata::DATABASE
+        .iter()
+        .filter_map(|meta| {
+            let example = meta.descriptors().mobile()?.example()?;
+            Some(format!("+{}{example}", meta.country_code()))
+        })
+        .filter(|number| Msisdn::parse(number).is_ok())
+        .take(40)
+        .collect();
+    assert_eq!(mixed.len(), 40);
+    let mut next = mixed.iter().cycle();
+    group.bench_function("parse/mixed_40_countries", |b| {
+        b.iter(|| Msisdn::parse(black_box(next.next().map_or("", String::as_str))))
+    });
     group.finish();
 }
 
