@@ -1,15 +1,20 @@
 //! The carrier link end to end through the real daemon and the simulator over loopback: TLS,
 //! SMPP 5.0 and congestion, transmitter/receiver pairs, flow control under throttling, quotas,
-//! and the link health timers.
+//! the link health timers, and the window (never more unanswered submit_sm than it allows).
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use common::*;
@@ -361,4 +366,121 @@ async fn a_silent_smsc_is_dropped_after_the_inactivity_timeout_and_bound_again()
         (smsc.handle.bind_attempts() >= 3).then_some(())
     })
     .await;
+}
+
+/// Between the gateway and the simulator: counts the submit_sm the gateway has written and not
+/// yet been answered, and holds the simulator's submit_sm_resp for a while and lets them go
+/// together, so that the gateway's window fills.
+struct WindowWatch {
+    address: SocketAddr,
+    most_unanswered: Arc<AtomicUsize>,
+}
+
+impl WindowWatch {
+    const SUBMIT_SM: u32 = 0x0000_0004;
+    const SUBMIT_SM_RESP: u32 = 0x8000_0004;
+
+    async fn start(upstream: SocketAddr) -> WindowWatch {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let most_unanswered = Arc::new(AtomicUsize::new(0));
+        let most = Arc::clone(&most_unanswered);
+        tokio::spawn(async move {
+            while let Ok((gateway, _)) = listener.accept().await {
+                let Ok(sim) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let unanswered = Arc::new(AtomicUsize::new(0));
+                let (from_gateway, to_gateway) = gateway.into_split();
+                let (from_sim, to_sim) = sim.into_split();
+                tokio::spawn(Self::up(
+                    from_gateway,
+                    to_sim,
+                    Arc::clone(&unanswered),
+                    Arc::clone(&most),
+                ));
+                tokio::spawn(Self::down(from_sim, to_gateway, unanswered));
+            }
+        });
+        WindowWatch {
+            address,
+            most_unanswered,
+        }
+    }
+
+    async fn read_pdu(from: &mut OwnedReadHalf) -> Option<(u32, Vec<u8>)> {
+        let mut pdu = vec![0u8; 8];
+        from.read_exact(&mut pdu).await.ok()?;
+        let length = u32::from_be_bytes(pdu[0..4].try_into().unwrap()) as usize;
+        let command_id = u32::from_be_bytes(pdu[4..8].try_into().unwrap());
+        pdu.resize(length.max(8), 0);
+        from.read_exact(&mut pdu[8..]).await.ok()?;
+        Some((command_id, pdu))
+    }
+
+    async fn up(
+        mut from: OwnedReadHalf,
+        mut to: OwnedWriteHalf,
+        unanswered: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    ) {
+        while let Some((command_id, pdu)) = Self::read_pdu(&mut from).await {
+            if command_id == Self::SUBMIT_SM {
+                let now = unanswered.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+            }
+            if to.write_all(&pdu).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn down(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, unanswered: Arc<AtomicUsize>) {
+        let mut held = Vec::new();
+        let mut release = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                pdu = Self::read_pdu(&mut from) => match pdu {
+                    Some((Self::SUBMIT_SM_RESP, pdu)) => held.push(pdu),
+                    Some((_, pdu)) => {
+                        if to.write_all(&pdu).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = release.tick() => {
+                    // Counted as answered before the gateway can read them.
+                    unanswered.fetch_sub(held.len(), Ordering::SeqCst);
+                    if to.write_all(&held.concat()).await.is_err() {
+                        return;
+                    }
+                    held.clear();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bind_keeps_its_window_full_and_never_beyond() {
+    let (_dir, db) = temp_db();
+    let smsc = Smsc::plain(sim_config()).await;
+    let watch = WindowWatch::start(smsc.handle.local_addr()).await;
+    // One bind, a window of 10 (config_text), a rate far above what 10 in flight allow.
+    let config = parse_config(&config_text(&db, watch.address, None));
+    let gateway = Gateway::start(config).await;
+    gateway.wait_ready().await;
+    let batch = (0..300)
+        .map(|i| message(&format!("+4670300{i:04}"), "window"))
+        .collect();
+    for id in post_batch(&gateway, batch).await {
+        gateway.wait_status(KEY_A, &id, "delivered").await;
+    }
+    assert_eq!(smsc.handle.submitted_count(), 300);
+    let most = watch.most_unanswered.load(Ordering::SeqCst);
+    assert_eq!(
+        most, 10,
+        "most submit_sm unanswered at once (the window is 10)"
+    );
 }

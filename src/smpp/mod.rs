@@ -65,6 +65,13 @@ impl JobQueue {
         }
     }
 
+    /// The next segment if one waits now and no other bind is taking one.
+    pub fn try_next(&self) -> Option<SubmitJob> {
+        let mut lanes = self.lanes.try_lock().ok()?;
+        let (high, normal) = &mut *lanes;
+        high.try_recv().or_else(|_| normal.try_recv()).ok()
+    }
+
     /// With no bind left, nothing would take the queued segments: they go back unsent.
     pub async fn return_all(&self) {
         let mut lanes = self.lanes.lock().await;

@@ -514,9 +514,8 @@ impl<'a> Session<'a> {
                 }
                 // Acknowledgements and timers come before new frames, so that a busy carrier
                 // cannot starve them.
-                Some((sequence, code)) = self.acks.next(), if !self.acks.is_empty() => {
-                    let resp = Command::new(CommandStatus::from(code), sequence, DeliverSmResp::default());
-                    if let Err(e) = link.send(resp).await {
+                Some(ack) = self.acks.next(), if !self.acks.is_empty() => {
+                    if let Err(e) = self.acknowledge(&mut link, ack).await {
                         break SessionEnd::Lost(format!("write failed: {e}"));
                     }
                 }
@@ -543,7 +542,7 @@ impl<'a> Session<'a> {
                     self.limiter.until_ready().await;
                 }, if can_send => {
                     if let Some(ready) = self.ready.take()
-                        && let Err(e) = self.submit(&mut link, ready.taken).await
+                        && let Err(e) = self.submit_burst(&mut link, ready.taken).await
                     {
                         break SessionEnd::Lost(format!("write failed: {e}"));
                     }
@@ -558,6 +557,56 @@ impl<'a> Session<'a> {
         end
     }
 
+    /// Writes a deliver_sm_resp, and those of the other receipts stored by the same commit,
+    /// in one write.
+    async fn acknowledge(&mut self, link: &mut Link, first: (u32, u32)) -> std::io::Result<()> {
+        let mut ack = Some(first);
+        while let Some((sequence, code)) = ack {
+            let resp = Command::new(
+                CommandStatus::from(code),
+                sequence,
+                DeliverSmResp::default(),
+            );
+            link.feed(resp).await?;
+            ack = self.acks.next().now_or_never().flatten();
+        }
+        SinkExt::<Command>::flush(link).await
+    }
+
+    /// Writes `first`, then every segment that may go at once behind it (taken from the queue,
+    /// due, within the window and the rate), in one write: a system call per PDU was an eighth
+    /// of the gateway threads' time under load.
+    async fn submit_burst(&mut self, link: &mut Link, first: Taken) -> std::io::Result<()> {
+        self.submit(link, first).await?;
+        loop {
+            self.follow_limits();
+            if self.ready.is_none()
+                && self.window_open()
+                && let Some((_, taken)) = self.resend.pop_first()
+            {
+                self.make_ready(taken, true);
+            }
+            if self.can_take()
+                && let Some(job) = self.bind.jobs.try_next()
+            {
+                self.on_job(job);
+            }
+            let due = self
+                .ready
+                .as_ref()
+                .is_some_and(|r| r.send_at <= Instant::now());
+            if !(due && self.can_send() && self.limiter.check().is_ok()) {
+                break;
+            }
+            let Some(ready) = self.ready.take() else {
+                break;
+            };
+            self.submit(link, ready.taken).await?;
+        }
+        SinkExt::<Command>::flush(link).await
+    }
+
+    /// Numbers `taken` and feeds it to the link (written at the next flush).
     async fn submit(&mut self, link: &mut Link, taken: Taken) -> std::io::Result<()> {
         let sequence = self.sequence();
         let sent_at = Instant::now();
@@ -572,7 +621,7 @@ impl<'a> Session<'a> {
             },
         );
         metrics::window_in_flight(&self.bind.carrier.name, self.bind.index, self.pending.len());
-        link.send(Command::new(CommandStatus::EsmeRok, sequence, pdu))
+        link.feed(Command::new(CommandStatus::EsmeRok, sequence, pdu))
             .await
     }
 
