@@ -142,7 +142,8 @@ mod tests {
     use super::*;
 
     /// Every example number of every region's metadata, and near misses of each (a digit
-    /// less, a digit more, a digit changed), get the same answer as `phonenumber::is_valid`.
+    /// less, a digit more, a digit changed), get the same answer as `phonenumber::is_valid`,
+    /// and the valid ones the same E.164 form as its formatter.
     #[test]
     fn agrees_with_phonenumber_on_every_example_number_and_its_near_misses() {
         let mut checked = 0;
@@ -183,6 +184,12 @@ mod tests {
                     };
                     let expected = phonenumber::is_valid(&number);
                     assert_eq!(is_valid(&number), expected, "{text} (region {})", meta.id());
+                    if expected {
+                        // And the E.164 form `Msisdn` writes is the crate's.
+                        let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+                        let parsed = crate::message::Msisdn::parse(&text);
+                        assert_eq!(parsed.as_ref().map(|m| m.as_str()), Ok(e164.as_str()));
+                    }
                     checked += 1;
                     valid += usize::from(expected);
                 }
