@@ -488,16 +488,7 @@ impl<'a> Session<'a> {
         let mut tick = tokio::time::interval(TICK);
         let jobs = self.bind.jobs.clone();
         let end = loop {
-            // Before anything is taken or sent: a reloaded rate or window applies to the next
-            // segment, not only from the next tick (one atomic load when nothing changed).
-            self.follow_limits();
-            if self.ready.is_none()
-                && self.window_open()
-                && let Some((_, taken)) = self.resend.pop_first()
-            {
-                // Counted in the quotas when first taken.
-                self.make_ready(taken, true);
-            }
+            self.before_next_segment();
             let can_take = self.can_take();
             let can_send = self.can_send();
             let send_at = self.ready.as_ref().map_or_else(Instant::now, |r| r.send_at);
@@ -557,6 +548,20 @@ impl<'a> Session<'a> {
         end
     }
 
+    /// Before anything is taken or sent: a reloaded rate or window applies to the next
+    /// segment, not only from the next tick (one atomic load when nothing changed), and a
+    /// throttled segment goes again before anything new.
+    fn before_next_segment(&mut self) {
+        self.follow_limits();
+        if self.ready.is_none()
+            && self.window_open()
+            && let Some((_, taken)) = self.resend.pop_first()
+        {
+            // Counted in the quotas when first taken.
+            self.make_ready(taken, true);
+        }
+    }
+
     /// Writes a deliver_sm_resp, and those of the other receipts stored by the same commit,
     /// in one write.
     async fn acknowledge(&mut self, link: &mut Link, first: (u32, u32)) -> std::io::Result<()> {
@@ -579,13 +584,7 @@ impl<'a> Session<'a> {
     async fn submit_burst(&mut self, link: &mut Link, first: Taken) -> std::io::Result<()> {
         self.submit(link, first).await?;
         loop {
-            self.follow_limits();
-            if self.ready.is_none()
-                && self.window_open()
-                && let Some((_, taken)) = self.resend.pop_first()
-            {
-                self.make_ready(taken, true);
-            }
+            self.before_next_segment();
             if self.can_take()
                 && let Some(job) = self.bind.jobs.try_next()
             {
