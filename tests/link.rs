@@ -436,29 +436,40 @@ impl WindowWatch {
     }
 
     async fn down(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, unanswered: Arc<AtomicUsize>) {
+        // Whole PDUs come through a channel: a `read_exact` raced against the release timer
+        // would lose the bytes it had read when the timer won.
+        let (pdus, mut arriving) = tokio::sync::mpsc::channel(1024);
+        let reader = tokio::spawn(async move {
+            while let Some(pdu) = Self::read_pdu(&mut from).await {
+                if pdus.send(pdu).await.is_err() {
+                    return;
+                }
+            }
+        });
         let mut held = Vec::new();
         let mut release = tokio::time::interval(Duration::from_millis(20));
         loop {
             tokio::select! {
-                pdu = Self::read_pdu(&mut from) => match pdu {
+                pdu = arriving.recv() => match pdu {
                     Some((Self::SUBMIT_SM_RESP, pdu)) => held.push(pdu),
                     Some((_, pdu)) => {
                         if to.write_all(&pdu).await.is_err() {
-                            return;
+                            break;
                         }
                     }
-                    None => return,
+                    None => break,
                 },
                 _ = release.tick() => {
                     // Counted as answered before the gateway can read them.
                     unanswered.fetch_sub(held.len(), Ordering::SeqCst);
                     if to.write_all(&held.concat()).await.is_err() {
-                        return;
+                        break;
                     }
                     held.clear();
                 }
             }
         }
+        reader.abort();
     }
 }
 
