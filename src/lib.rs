@@ -101,7 +101,11 @@ pub async fn run_with_reloads(
         suspect_after: config.policy.suspect_after,
         suspect_codes: config.policy.suspect_codes.clone(),
     };
+    // While the store opens: the numbering plans load on a thread of their own, not in the
+    // first request.
+    let numbering = tokio::task::spawn_blocking(numbering::load);
     let store::Opened { store, links } = store::open(&config.store, rules).await?;
+    let _ = numbering.await;
     let prometheus = metrics::install();
     let observers = CancellationToken::new();
     tokio::spawn(metrics::upkeep(prometheus.clone(), observers.clone()));
