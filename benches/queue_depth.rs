@@ -7,7 +7,11 @@
 //! - claim: `claim_due` of `--claim` messages then `record_attempts` (sent) for them, as the
 //!   dispatcher does, repeated; the claim rate is messages claimed and recorded per second;
 //! - the reads the daemon repeats while messages wait: `next_due` and `backlog`;
-//! - memory: the process's resident set (`VmRSS`) with the store open, and its peak (`VmHWM`).
+//! - memory: the process's resident set (`VmRSS`) with the store open, and its peak (`VmHWM`);
+//! - the daemon: the real `smsgw run` started on that store, sending its backlog to a simulator
+//!   in this process at `--daemon-rate` per second for `--daemon-seconds` while the bench posts
+//!   a batch over HTTP every 100 ms; its resident set and peak at the end, what it sent and
+//!   accepted. Its memory must not grow with the backlog either.
 //!
 //! `cargo bench --bench queue_depth` (sizes 10000,100000,1000000; about two minutes on two
 //! cores) or `cargo bench --bench queue_depth -- --sizes 10000,1000000 --rounds 50`.
@@ -31,10 +35,14 @@ struct Args {
     batch: usize,
     /// Messages per claim.
     claim: usize,
+    /// How long the daemon runs on each store (0: not started).
+    daemon_seconds: u64,
+    /// The daemon's carrier rate, submit_sm per second.
+    daemon_rate: usize,
 }
 
 const USAGE: &str = "usage: cargo bench --bench queue_depth -- [--sizes N,N,...] [--rounds R] \
-[--batch B] [--claim C]";
+[--batch B] [--claim C] [--daemon-seconds S] [--daemon-rate R]";
 
 impl Args {
     fn parse() -> Result<Args, String> {
@@ -43,6 +51,8 @@ impl Args {
             rounds: 30,
             batch: 100,
             claim: 200,
+            daemon_seconds: 10,
+            daemon_rate: 5_000,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -65,6 +75,15 @@ impl Args {
                 "--rounds" => args.rounds = number("--rounds", value("--rounds")?)?,
                 "--batch" => args.batch = number("--batch", value("--batch")?)?,
                 "--claim" => args.claim = number("--claim", value("--claim")?)?,
+                "--daemon-seconds" => {
+                    let v = value("--daemon-seconds")?;
+                    args.daemon_seconds = v
+                        .parse()
+                        .map_err(|_| format!("--daemon-seconds: `{v}` is not a number"))?
+                }
+                "--daemon-rate" => {
+                    args.daemon_rate = number("--daemon-rate", value("--daemon-rate")?)?
+                }
                 "--help" | "-h" => return Err(USAGE.to_owned()),
                 _ => {} // cargo bench adds `--bench`
             }
@@ -104,11 +123,31 @@ fn main() {
         "backlog",
         "RSS / peak MiB"
     );
+    let mut daemon_rows = Vec::new();
     for &size in &args.sizes {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory");
         let db = dir.path().join("queue.db");
         let row = rt.block_on(measure(&args, &db, size));
         println!("{row}");
+        if args.daemon_seconds > 0 {
+            daemon_rows.push(match daemon::run(&rt, &args, &db) {
+                Ok(row) => row,
+                Err(error) => format!("{size:>9} | failed: {error}"),
+            });
+        }
+    }
+    if !daemon_rows.is_empty() {
+        println!(
+            "\nthe daemon (`smsgw run`) on each store, {} s sending at {}/s, a batch of {} posted every 100 ms:",
+            args.daemon_seconds, args.daemon_rate, args.batch
+        );
+        println!(
+            "{:>9} | {:>9} | {:>9} | {:>13}",
+            "queued", "sent", "accepted", "RSS / peak MiB"
+        );
+        for row in daemon_rows {
+            println!("{row}");
+        }
     }
 }
 
@@ -260,7 +299,12 @@ fn percentiles(samples: &mut [Duration]) -> String {
 
 /// `VmRSS` and `VmHWM` of this process, MiB (Linux; zeros elsewhere).
 fn memory_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    memory_of("/proc/self/status")
+}
+
+/// `VmRSS` and `VmHWM` from a `/proc/<pid>/status` file, MiB.
+fn memory_of(status_file: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(status_file).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()
@@ -270,4 +314,178 @@ fn memory_mib() -> (f64, f64) {
             .map_or(0.0, |kb| kb / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The real daemon on a store the bench made.
+mod daemon {
+    use std::io::{BufRead, BufReader};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc::Receiver;
+    use std::time::{Duration, Instant};
+
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Args, recipient};
+
+    const API_KEY: &str = "queue-depth-bench-api-key";
+
+    /// Runs `smsgw run` on `db`; its row of the table.
+    pub fn run(rt: &tokio::runtime::Runtime, args: &Args, db: &Path) -> Result<String, String> {
+        let queued: i64 = rusqlite::Connection::open(db)
+            .and_then(|conn| {
+                conn.query_row(
+                    "SELECT COUNT(*) FROM messages WHERE status = 'queued'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(|e| format!("counting the queue: {e}"))?;
+        let stop = CancellationToken::new();
+        let sim = rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            Ok::<_, std::io::Error>(smsgw::sim::start(
+                listener,
+                smsgw::sim::SimConfig::default(),
+                stop.clone(),
+            ))
+        });
+        let sim = sim.map_err(|e| format!("simulator: {e}"))?;
+        let config = db.with_file_name("smsgw.toml");
+        std::fs::write(&config, config_text(db, sim.local_addr(), args.daemon_rate))
+            .map_err(|e| format!("{}: {e}", config.display()))?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_smsgw"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting smsgw: {e}"))?;
+        let result = listening_url(&mut child).and_then(|url| {
+            let accepted = rt.block_on(post_batches(&url, args));
+            let memory = memory_mib(child.id());
+            Ok((accepted?, memory))
+        });
+        terminate(&mut child);
+        let sent = sim.submitted_count();
+        stop.cancel();
+        let (accepted, (rss, peak)) = result?;
+        Ok(format!(
+            "{queued:>9} | {sent:>9} | {accepted:>9} | {:>13}",
+            format!("{rss:.0} / {peak:.0}")
+        ))
+    }
+
+    fn config_text(db: &Path, carrier: std::net::SocketAddr, rate: usize) -> String {
+        format!(
+            r#"
+            [http]
+            listen = "127.0.0.1:0"
+            [admin]
+            enabled = false
+            [store]
+            path = "{db}"
+            [privacy]
+            pseudonym_key = "queue-depth-bench-pseudonym-key-0123"
+            [logging]
+            format = "json"
+            [[accounts]]
+            name = "bench"
+            api_keys = ["{hash}"]
+            [[carriers]]
+            name = "sim"
+            address = "{carrier}"
+            rate_per_second = {rate}
+            "#,
+            db = db.display(),
+            hash = smsgw::api::auth::hash_key(API_KEY),
+        )
+    }
+
+    /// Waits (up to 60 s: the store is opened first) for the daemon's "HTTP API listening".
+    fn listening_url(child: &mut Child) -> Result<String, String> {
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let lines = log_lines(stdout);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if event["fields"]["message"] == "HTTP API listening"
+                && let Some(address) = event["fields"]["address"].as_str()
+            {
+                return Ok(format!("http://{address}"));
+            }
+        }
+        Err("the daemon did not start listening within 60 s".into())
+    }
+
+    /// The daemon's log lines, read on a thread of their own so that its pipe never fills.
+    fn log_lines(stdout: std::process::ChildStdout) -> Receiver<String> {
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = send.send(line);
+            }
+        });
+        lines
+    }
+
+    /// Posts a batch every 100 ms for `--daemon-seconds`; the messages accepted.
+    async fn post_batches(url: &str, args: &Args) -> Result<usize, String> {
+        let client = reqwest::Client::new();
+        let end = Instant::now() + Duration::from_secs(args.daemon_seconds);
+        let mut accepted = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for round in 0.. {
+            tick.tick().await;
+            if Instant::now() >= end {
+                break;
+            }
+            let messages: Vec<_> = (0..args.batch)
+                .map(|i| {
+                    serde_json::json!({
+                        "to": recipient(round * args.batch + i),
+                        "from": "iP1",
+                        "text": "Your code is 1234",
+                    })
+                })
+                .collect();
+            let answer = client
+                .post(format!("{url}/v1/messages"))
+                .bearer_auth(API_KEY)
+                .json(&serde_json::json!({ "messages": messages }))
+                .send()
+                .await
+                .map_err(|e| format!("POST /v1/messages: {e}"))?;
+            if !answer.status().is_success() {
+                return Err(format!("POST /v1/messages answered {}", answer.status()));
+            }
+            accepted += args.batch;
+        }
+        Ok(accepted)
+    }
+
+    /// SIGTERM, then up to 30 s for the daemon to stop; SIGKILL after that.
+    fn terminate(child: &mut Child) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// `VmRSS` and `VmHWM` of process `pid`, MiB.
+    fn memory_mib(pid: u32) -> (f64, f64) {
+        super::memory_of(&format!("/proc/{pid}/status"))
+    }
 }
