@@ -6,6 +6,7 @@
 //! shutdown.
 
 pub mod admin;
+pub mod allocator;
 pub mod api;
 pub mod config;
 pub mod dispatch;
