@@ -258,8 +258,14 @@ fn preload(db: &Path, size: usize) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// The `i`th of 10,000,000 distinct numbers, spread over the range as real traffic's are
+/// (7,654,321 is coprime to 10^7); consecutive ones would keep each index on recipients
+/// writing into one page.
 fn recipient(i: usize) -> String {
-    format!("+4670{:07}", i % 10_000_000)
+    format!(
+        "+4670{:07}",
+        (i as u64 % 10_000_000) * 7_654_321 % 10_000_000
+    )
 }
 
 fn new_messages(count: usize, first: usize) -> Vec<NewMessage> {
