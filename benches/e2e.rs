@@ -12,6 +12,8 @@
 //! `cargo bench --bench e2e -- --messages 20000 --batch 100 --concurrency 8`
 //! (see benches/README.md for every flag and what each number means).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -575,12 +577,11 @@ fn count_ids(body: &[u8]) -> usize {
 }
 
 /// Request bodies, built before the clock starts: distinct recipients spread over the number
-/// range, as real traffic's are (consecutive numbers would keep every index on recipients
-/// writing into one page), one GSM-7 segment each.
+/// range (`common::recipient`), one GSM-7 segment each.
 fn request_bodies(messages: usize, batch: usize) -> Vec<Bytes> {
     let message = |i: usize| {
         serde_json::json!({
-            "to": format!("+4670{:07}", spread(i)),
+            "to": common::recipient(i),
             "from": "iP1",
             "text": format!("Your verification code is {:06}. It expires in 10 minutes.", i % 1_000_000),
         })
@@ -597,12 +598,6 @@ fn request_bodies(messages: usize, batch: usize) -> Vec<Bytes> {
             Bytes::from(body.to_string())
         })
         .collect()
-}
-
-/// The `i`th of 10,000,000 distinct subscriber numbers, in an order that jumps across the range
-/// (7,654,321 is coprime to 10^7, so no two `i` below 10^7 share a number).
-fn spread(i: usize) -> u64 {
-    (i as u64 % 10_000_000) * 7_654_321 % 10_000_000
 }
 
 async fn wait_ready(client: &reqwest::Client, url: &str, deadline: Instant) -> Result<(), String> {

@@ -16,6 +16,8 @@
 //! `cargo bench --bench queue_depth` (sizes 10000,100000,1000000; about two minutes on two
 //! cores) or `cargo bench --bench queue_depth -- --sizes 10000,1000000 --rounds 50`.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -251,21 +253,16 @@ fn preload(db: &Path, size: usize) -> rusqlite::Result<()> {
         for i in 0..size {
             let id = MessageId::new().to_string();
             let at = now - 60_000;
-            message.execute(rusqlite::params![id, recipient(i), at, now + 86_400_000])?;
+            message.execute(rusqlite::params![
+                id,
+                common::recipient(i),
+                at,
+                now + 86_400_000
+            ])?;
             event.execute(rusqlite::params![id, at])?;
         }
     }
     tx.commit()
-}
-
-/// The `i`th of 10,000,000 distinct numbers, spread over the range as real traffic's are
-/// (7,654,321 is coprime to 10^7); consecutive ones would keep each index on recipients
-/// writing into one page.
-fn recipient(i: usize) -> String {
-    format!(
-        "+4670{:07}",
-        (i as u64 % 10_000_000) * 7_654_321 % 10_000_000
-    )
 }
 
 fn new_messages(count: usize, first: usize) -> Vec<NewMessage> {
@@ -275,7 +272,7 @@ fn new_messages(count: usize, first: usize) -> Vec<NewMessage> {
             id: MessageId::new(),
             account: "bench".into(),
             reference: None,
-            recipient: recipient(first + i),
+            recipient: common::recipient(first + i),
             sender: "iP1".into(),
             body: "Your code is 1234".into(),
             category: Category::Transactional,
@@ -333,7 +330,8 @@ mod daemon {
     use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
 
-    use super::{Args, recipient};
+    use super::Args;
+    use crate::common::recipient;
 
     const API_KEY: &str = "queue-depth-bench-api-key";
 
@@ -370,7 +368,7 @@ mod daemon {
             .map_err(|e| format!("starting smsgw: {e}"))?;
         let result = listening_url(&mut child).and_then(|url| {
             let accepted = rt.block_on(post_batches(&url, args));
-            let memory = memory_mib(child.id());
+            let memory = super::memory_of(&format!("/proc/{}/status", child.id()));
             Ok((accepted?, memory))
         });
         terminate(&mut child);
@@ -488,10 +486,5 @@ mod daemon {
         }
         let _ = child.kill();
         let _ = child.wait();
-    }
-
-    /// `VmRSS` and `VmHWM` of process `pid`, MiB.
-    fn memory_mib(pid: u32) -> (f64, f64) {
-        super::memory_of(&format!("/proc/{pid}/status"))
     }
 }
