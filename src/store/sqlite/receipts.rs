@@ -59,7 +59,7 @@ pub(super) fn claim_queries(
          FROM parts p JOIN messages m ON m.id = p.message_id
          WHERE p.carrier = ?1 AND m.status = 'sent' AND p.state IN ('submitted', 'scheduled', 'enroute', 'accepted')
            AND p.updated_at < ?2 AND (p.queried_at IS NULL OR p.queried_at < ?2)
-         ORDER BY p.updated_at LIMIT ?3",
+         ORDER BY p.updated_at LIMIT +?3",
         params![carrier, accepted_before, limit as i64],
         |r| {
             Ok((
