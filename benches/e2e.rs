@@ -30,7 +30,7 @@ use smsgw::config::Config;
 use smsgw::sim::{SimConfig, SimHandle};
 
 /// The daemon's allocator (src/main.rs), so that the bench measures what runs in production;
-/// without transparent huge pages, as there (`main`).
+/// configured as there (`main`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -164,9 +164,7 @@ impl Args {
 }
 
 fn main() {
-    if let Err(error) = smsgw::allocator::without_huge_pages() {
-        eprintln!("warning: transparent huge pages stay on for this process: {error}");
-    }
+    smsgw::allocator::configure();
     let args = match Args::parse() {
         Ok(args) => args,
         Err(message) => {

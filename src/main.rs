@@ -16,7 +16,7 @@ use smsgw::config::{Config, LogFormat, LoggingConfig};
 
 /// mimalloc instead of the system allocator: the gateway allocates many small, short-lived
 /// buffers on several threads, where glibc's malloc spent a tenth of the send path's CPU.
-/// Without transparent huge pages (`smsgw::allocator`).
+/// Configured, with the glibc malloc that SQLite keeps, by `smsgw::allocator::configure`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -242,9 +242,7 @@ enum NumberChangeAction {
 }
 
 fn main() -> ExitCode {
-    if let Err(error) = smsgw::allocator::without_huge_pages() {
-        eprintln!("warning: transparent huge pages stay on for this process: {error}");
-    }
+    smsgw::allocator::configure();
     // One crypto provider for every TLS user (SMPP, webhooks), chosen here and not by whichever
     // dependency asks first (CRATES.md §1). Fails only if one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
