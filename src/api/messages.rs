@@ -238,11 +238,14 @@ pub(crate) async fn submit_body(
     bytes: &[u8],
     idempotency_key: Option<String>,
 ) -> Result<SubmitOutcome, ApiError> {
-    let request_hash = hex::encode(Sha256::digest(bytes));
-    if let Some(key) = &idempotency_key
+    // Only a request with a key is compared with an earlier one.
+    let request_hash = idempotency_key
+        .as_ref()
+        .map(|_| hex::encode(Sha256::digest(bytes)));
+    if let (Some(key), Some(hash)) = (&idempotency_key, &request_hash)
         && let Some(first) = state.store.idempotent_answer(&account.name, key).await?
     {
-        return replay(first, &request_hash);
+        return replay(first, hash);
     }
     let routes = state.carriers.table();
     let rules = SubmitRules {
@@ -253,10 +256,9 @@ pub(crate) async fn submit_body(
     let parsed = parse_submission(&rules, account, bytes)
         .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
-    let idempotency = idempotency_key.map(|key| IdempotencyRequest {
-        key,
-        request_hash: request_hash.clone(),
-    });
+    let idempotency = idempotency_key
+        .zip(request_hash.clone())
+        .map(|(key, request_hash)| IdempotencyRequest { key, request_hash });
     let policy = AccountPolicy {
         service_messages: account.service_messages,
         follow_number_changes: account.follow_number_changes,
@@ -278,7 +280,7 @@ pub(crate) async fn submit_body(
                 replayed: false,
             })
         }
-        SubmitResult::Replay(first) => replay(first, &request_hash),
+        SubmitResult::Replay(first) => replay(first, request_hash.as_deref().unwrap_or_default()),
     }
 }
 
