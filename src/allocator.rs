@@ -7,9 +7,9 @@
 //!   split those pages again. Under load that was an eighth of the store writer's CPU (the kernel
 //!   zeroing pages in its page faults) and a third of the e2e bench's resident memory.
 //! - glibc gives a thread's heap back to the kernel (`madvise`) as soon as its free top passes
-//!   128 KiB. SQLite frees a statement journal after every multi-row update and a page cache
-//!   when it starts over, so the writer gave memory back and faulted it in again all the time:
-//!   a tenth of its CPU (page faults, `madvise`, the TLB flushes they send to the other core).
+//!   128 KiB. SQLite frees and takes again all the time (a statement journal for every
+//!   multi-row update), so the writer gave memory back and faulted it in again: about a tenth
+//!   of its CPU (page faults, `madvise`, the TLB flushes they send to the other core).
 
 /// Free memory glibc keeps at the top of a heap before giving it back: more than SQLite's
 /// connections ever hold at once (a writer's page cache is 2 MiB).

@@ -280,6 +280,7 @@ pub(crate) async fn submit_body(
                 replayed: false,
             })
         }
+        // Only a request with a key is answered with an earlier answer.
         SubmitResult::Replay(first) => replay(first, request_hash.as_deref().unwrap_or_default()),
     }
 }
