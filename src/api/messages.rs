@@ -238,15 +238,21 @@ pub(crate) async fn submit_body(
     bytes: &[u8],
     idempotency_key: Option<String>,
 ) -> Result<SubmitOutcome, ApiError> {
-    // Only a request with a key is compared with an earlier one.
-    let request_hash = idempotency_key
-        .as_ref()
-        .map(|_| hex::encode(Sha256::digest(bytes)));
-    if let (Some(key), Some(hash)) = (&idempotency_key, &request_hash)
-        && let Some(first) = state.store.idempotent_answer(&account.name, key).await?
+    // Only a request with a key is compared with an earlier one, so only it is hashed.
+    let idempotency = idempotency_key.map(|key| IdempotencyRequest {
+        key,
+        request_hash: hex::encode(Sha256::digest(bytes)),
+    });
+    if let Some(request) = &idempotency
+        && let Some(first) = state
+            .store
+            .idempotent_answer(&account.name, &request.key)
+            .await?
     {
-        return replay(first, hash);
+        return replay(first, &request.request_hash);
     }
+    // The store replays only a request with a key (one that raced an equal key).
+    let request_hash = idempotency.as_ref().map(|r| r.request_hash.clone());
     let routes = state.carriers.table();
     let rules = SubmitRules {
         http: &state.http,
@@ -256,9 +262,6 @@ pub(crate) async fn submit_body(
     let parsed = parse_submission(&rules, account, bytes)
         .inspect_err(|e| metrics::rejected(&account.name, e.code))?;
     let stored = parsed.messages.len();
-    let idempotency = idempotency_key
-        .zip(request_hash.clone())
-        .map(|(key, request_hash)| IdempotencyRequest { key, request_hash });
     let policy = AccountPolicy {
         service_messages: account.service_messages,
         follow_number_changes: account.follow_number_changes,
@@ -280,7 +283,6 @@ pub(crate) async fn submit_body(
                 replayed: false,
             })
         }
-        // Only a request with a key is answered with an earlier answer.
         SubmitResult::Replay(first) => replay(first, request_hash.as_deref().unwrap_or_default()),
     }
 }
