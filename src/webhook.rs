@@ -170,22 +170,33 @@ impl WebhookSender {
     /// at, or give up.
     async fn deliver(&self, request: Request) -> Vec<(WebhookJob, WebhookResult)> {
         let posted = self.post(&request).await;
-        request
+        let results: Vec<(WebhookJob, WebhookResult)> = request
             .jobs
             .into_iter()
             .map(|job| {
                 let outcome = self.outcome(&job, &posted);
                 (job, outcome)
             })
-            .collect()
+            .collect();
+        let mut counts: [(&'static str, usize); 3] =
+            [("delivered", 0), ("failed", 0), ("given_up", 0)];
+        for (_, result) in &results {
+            match result {
+                WebhookResult::Delivered => counts[0].1 += 1,
+                WebhookResult::RetryAt { .. } => counts[1].1 += 1,
+                WebhookResult::GiveUp { .. } => counts[2].1 += 1,
+                WebhookResult::Unposted => {}
+            }
+        }
+        for (result, count) in counts.into_iter().filter(|(_, count)| *count > 0) {
+            metrics::webhooks(result, count);
+        }
+        results
     }
 
     fn outcome(&self, job: &WebhookJob, posted: &Result<(), String>) -> WebhookResult {
         match posted {
-            Ok(()) => {
-                metrics::webhook("delivered");
-                WebhookResult::Delivered
-            }
+            Ok(()) => WebhookResult::Delivered,
             Err(error) => {
                 let error = error.clone();
                 let now = now_ms();
@@ -193,10 +204,8 @@ impl WebhookSender {
                 let at = now + delay.as_millis() as i64;
                 debug!(webhook = job.id, attempts = job.attempts, %error, "webhook failed");
                 if at - job.created_at > self.config.give_up_after.as_millis() as i64 {
-                    metrics::webhook("given_up");
                     WebhookResult::GiveUp { error }
                 } else {
-                    metrics::webhook("failed");
                     WebhookResult::RetryAt { at, error }
                 }
             }
