@@ -239,15 +239,15 @@ fn bench_auth(c: &mut Criterion) {
     };
     let good = bearer("smsgw_shop_key_0123456789abcdef0123456789abcdef");
     let bad = bearer("smsgw_not_a_key_0123456789abcdef0123456789abcdef");
-    assert_eq!(accounts.authenticate(&good).unwrap().name, "shop");
-    assert!(accounts.authenticate(&bad).is_none());
+    assert_eq!(accounts.authenticate_bearer(&good).unwrap().0.name, "shop");
+    assert!(accounts.authenticate_bearer(&bad).is_none());
 
     let mut group = c.benchmark_group("auth");
     group.bench_function("authenticate/valid", |b| {
-        b.iter(|| accounts.authenticate(black_box(&good)).is_some())
+        b.iter(|| accounts.authenticate_bearer(black_box(&good)).is_some())
     });
     group.bench_function("authenticate/unknown", |b| {
-        b.iter(|| accounts.authenticate(black_box(&bad)).is_some())
+        b.iter(|| accounts.authenticate_bearer(black_box(&bad)).is_some())
     });
     group.finish();
 }

@@ -147,12 +147,6 @@ impl Accounts {
             .collect()
     }
 
-    /// The account of the `Authorization: Bearer` key, if any.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Account>> {
-        self.authenticate_bearer(headers)
-            .map(|(account, _)| account)
-    }
-
     /// The account and the key of the `Authorization: Bearer` header, if any. Every configured
     /// hash is compared, so the time taken does not tell which account or how many bytes
     /// matched.
@@ -272,11 +266,25 @@ mod tests {
     #[test]
     fn each_key_finds_its_own_account() {
         let accounts = accounts();
-        assert_eq!(accounts.authenticate(&bearer("key-a")).unwrap().name, "a");
-        assert_eq!(accounts.authenticate(&bearer("key-b2")).unwrap().name, "b");
-        assert!(accounts.authenticate(&bearer("key-c")).is_none());
-        assert!(accounts.authenticate(&bearer("")).is_none());
-        assert!(accounts.authenticate(&HeaderMap::new()).is_none());
+        assert_eq!(
+            accounts
+                .authenticate_bearer(&bearer("key-a"))
+                .unwrap()
+                .0
+                .name,
+            "a"
+        );
+        assert_eq!(
+            accounts
+                .authenticate_bearer(&bearer("key-b2"))
+                .unwrap()
+                .0
+                .name,
+            "b"
+        );
+        assert!(accounts.authenticate_bearer(&bearer("key-c")).is_none());
+        assert!(accounts.authenticate_bearer(&bearer("")).is_none());
+        assert!(accounts.authenticate_bearer(&HeaderMap::new()).is_none());
     }
 
     #[test]

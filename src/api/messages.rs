@@ -6,8 +6,9 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Account;
 use super::error::{ApiError, ErrorEnvelope};
-use super::{AppState, authenticate};
+use super::{AppState, Authenticated};
 use crate::config::{HttpConfig, MessagesConfig};
 use crate::encoding::{self, Encoding};
 use crate::message::{Category, MessageId, Msisdn, Sender, Status, now_ms, rfc3339};
@@ -197,12 +198,11 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 )]
 pub async fn submit(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let bytes = super::read_body(&state, body).await?;
-    let idempotency_key = idempotency_key(&headers)?;
     let answer = submit_body(&state, &account, &bytes, idempotency_key).await?;
     Ok(answer.into_response())
 }
@@ -350,11 +350,19 @@ fn refusal_code(status: Status) -> Option<&'static str> {
     }
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    checked_idempotency_key(value.to_str().unwrap_or_default(), "Idempotency-Key").map(Some)
+/// The request's `Idempotency-Key`, checked, if it has one.
+pub struct IdempotencyKey(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKey(None));
+        };
+        checked_idempotency_key(value.to_str().unwrap_or_default(), "Idempotency-Key")
+            .map(|key| IdempotencyKey(Some(key)))
+    }
 }
 
 /// An idempotency key as given (`name`: the HTTP `Idempotency-Key`, an AMQP `message_id`),
@@ -705,10 +713,9 @@ fn message_id(path: Result<Path<String>, PathRejection>) -> Result<MessageId, Ap
 )]
 pub async fn get(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<MessageJson>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let id = message_id(id)?;
     let view = state
         .store
@@ -770,10 +777,9 @@ pub(super) struct MessagePage {
 )]
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<MessagePage>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let query = super::query(query)?;
     let status = query
         .status
@@ -861,10 +867,9 @@ pub(super) struct Canceled {
 )]
 pub async fn cancel(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Canceled>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let id = message_id(id)?;
     match state.store.cancel(&account.name, id).await? {
         CancelResult::Canceled => Ok(Json(Canceled {

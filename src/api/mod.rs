@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
@@ -170,9 +171,10 @@ pub fn router(state: AppState) -> Router {
 
 /// In front of every route that needs a key: the key must be known (401) and have the route's
 /// scope (403 `insufficient_scope`), and the request must fit the key's and the account's rate
-/// limits (429 `rate_limited`, with `Retry-After`). The handler then finds its account with
-/// [`authenticate`] (a hash and a comparison per key: cheap).
-async fn guard(scope: Scope, state: AppState, request: Request, next: Next) -> Response {
+/// limits (429 `rate_limited`, with `Retry-After`). The handler gets the account the guard
+/// found, as [`Authenticated`]: the key is looked up once, in one version of the live
+/// configuration.
+async fn guard(scope: Scope, state: AppState, mut request: Request, next: Next) -> Response {
     let Some((account, key)) = state
         .live
         .load()
@@ -182,8 +184,27 @@ async fn guard(scope: Scope, state: AppState, request: Request, next: Next) -> R
         return ApiError::unauthorized().into_response();
     };
     match admit(&account, Some(&key), scope) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            request.extensions_mut().insert(Authenticated(account));
+            next.run(request).await
+        }
         Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// The account whose key [`guard`] admitted to the route. A handler behind no guard gets 401.
+#[derive(Clone)]
+pub struct Authenticated(pub Arc<Account>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Authenticated>()
+            .cloned()
+            .ok_or_else(ApiError::unauthorized)
     }
 }
 
@@ -263,15 +284,6 @@ impl IntoResponse for Refusal {
         }
         response
     }
-}
-
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Account>, ApiError> {
-    state
-        .live
-        .load()
-        .accounts
-        .authenticate(headers)
-        .ok_or_else(ApiError::unauthorized)
 }
 
 /// A path parameter as text. One that is not UTF-8 once percent-decoded gets `invalid()`, the

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Account;
 use super::error::{ApiError, ErrorEnvelope};
 use super::messages::MessageJson;
-use super::{AppState, authenticate};
+use super::{AppState, Authenticated};
 use crate::message::{Msisdn, Sender, now_ms, rfc3339};
 use crate::policy::number_change::{self, ChangeKind};
 use crate::store::{AccountPolicy, NumberChange, OptOut, OptOutSource, SubjectExport};
@@ -127,10 +127,9 @@ pub struct OptOutAdded {
 )]
 pub async fn add_opt_out(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let request: OptOutRequest = super::json_body(&state, body).await?;
     let number = number(&request.number, "number")?;
     let sender = sender(request.sender.as_deref())?;
@@ -197,11 +196,10 @@ pub struct OptOutRemoved {
 )]
 pub async fn remove_opt_out(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     number_text: Result<Path<String>, PathRejection>,
     query: Result<Query<SenderQuery>, QueryRejection>,
 ) -> Result<Json<OptOutRemoved>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let query = super::query(query)?;
     let number = path_number(number_text)?;
     // Without `sender`, the entry for every sender; a STOP the person sent to one sender stays.
@@ -258,10 +256,9 @@ pub struct OptOutPage {
 )]
 pub async fn list_opt_outs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<OptOutPage>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let query = super::query(query)?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -302,9 +299,8 @@ pub async fn list_opt_outs(
 )]
 pub async fn export_opt_outs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
 ) -> Result<Response, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let mut csv = String::from("number,sender,source,created_at\n");
     let mut cursor = None;
     loop {
@@ -381,10 +377,9 @@ pub struct ImportResult {
 )]
 pub async fn import_opt_outs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     body: Body,
 ) -> Result<Json<ImportResult>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let bytes = super::read_body(&state, body).await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| {
         ApiError::new(
@@ -508,10 +503,9 @@ pub struct NumberChangeAdded {
 )]
 pub async fn add_number_change(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let request: NumberChangeRequest = super::json_body(&state, body).await?;
     let change = number_change_from(
         request,
@@ -649,10 +643,9 @@ pub struct NumberHistory {
 )]
 pub async fn number_history(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     number_text: Result<Path<String>, PathRejection>,
 ) -> Result<Json<NumberHistory>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let number = path_number(number_text)?;
     let history = state.store.number_history(&account.name, &number).await?;
     let changes = history
@@ -712,10 +705,9 @@ pub struct SuspectCleared {
 )]
 pub async fn clear_suspect(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     number_text: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SuspectCleared>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let number = path_number(number_text)?;
     let cleared = state
         .store
@@ -776,10 +768,9 @@ pub struct SubjectData {
 )]
 pub async fn export_subject(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     number_text: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SubjectData>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let number = path_number(number_text)?;
     let export = state.store.export_subject(&account.name, &number).await?;
     Ok(Json(subject_data(&number, &export)))
@@ -859,10 +850,9 @@ pub struct ErasureResult {
 )]
 pub async fn erase_subject(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authenticated(account): Authenticated,
     number_text: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ErasureResult>, ApiError> {
-    let account = authenticate(&state, &headers)?;
     let number = path_number(number_text)?;
     let erased = state.store.erase_subject(&account.name, &number).await?;
     Ok(Json(ErasureResult {
