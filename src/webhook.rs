@@ -178,19 +178,7 @@ impl WebhookSender {
                 (job, outcome)
             })
             .collect();
-        let mut counts: [(&'static str, usize); 3] =
-            [("delivered", 0), ("failed", 0), ("given_up", 0)];
-        for (_, result) in &results {
-            match result {
-                WebhookResult::Delivered => counts[0].1 += 1,
-                WebhookResult::RetryAt { .. } => counts[1].1 += 1,
-                WebhookResult::GiveUp { .. } => counts[2].1 += 1,
-                WebhookResult::Unposted => {}
-            }
-        }
-        for (result, count) in counts.into_iter().filter(|(_, count)| *count > 0) {
-            metrics::webhooks(result, count);
-        }
+        count_attempts(&results);
         results
     }
 
@@ -389,6 +377,29 @@ pub fn verify(
         return Err(VerifyError::Stale);
     }
     Ok(())
+}
+
+/// Counts a post's webhooks by result: one metric update per result, not per webhook.
+fn count_attempts(results: &[(WebhookJob, WebhookResult)]) {
+    for label in ["delivered", "failed", "given_up"] {
+        let count = results
+            .iter()
+            .filter(|(_, result)| attempt_label(result) == Some(label))
+            .count();
+        if count > 0 {
+            metrics::webhooks(label, count);
+        }
+    }
+}
+
+/// The `result` label of `smsgw_webhook_attempts_total`; none for a webhook never posted.
+fn attempt_label(result: &WebhookResult) -> Option<&'static str> {
+    match result {
+        WebhookResult::Delivered => Some("delivered"),
+        WebhookResult::RetryAt { .. } => Some("failed"),
+        WebhookResult::GiveUp { .. } => Some("given_up"),
+        WebhookResult::Unposted => None,
+    }
 }
 
 #[cfg(test)]
