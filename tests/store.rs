@@ -239,6 +239,30 @@ async fn a_receipt_before_its_submit_resp_is_parked_then_applied(store: &dyn Sto
     assert_eq!(status(store, ids[0]).await, Status::Delivered);
 }
 
+async fn a_carrier_id_used_again_names_the_newest_part(store: &dyn Store) {
+    let first = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
+    store.claim_due(10, lease()).await.unwrap();
+    store
+        .record_attempts(vec![sent(first[0], "5a")])
+        .await
+        .unwrap();
+    // Parts are ordered by the millisecond of their last change.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let second = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
+    store.claim_due(10, lease()).await.unwrap();
+    store
+        .record_attempts(vec![sent(second[0], "5a")])
+        .await
+        .unwrap();
+    let matched = store
+        .apply_receipt("sim", receipt("5a", ReceiptState::Delivered))
+        .await
+        .unwrap();
+    assert_eq!(matched, ReceiptMatch::Matched);
+    assert_eq!(status(store, second[0]).await, Status::Delivered);
+    assert_eq!(status(store, first[0]).await, Status::Sent);
+}
+
 async fn a_retry_is_claimed_again_when_due(store: &dyn Store) {
     let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
     store.claim_due(10, lease()).await.unwrap();
@@ -320,6 +344,24 @@ async fn an_opt_out_refuses_waiting_and_new_marketing(store: &dyn Store) {
     assert_eq!(store.remove_opt_out("a", TO, None, by).await.unwrap(), 1);
     let after = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
     assert_eq!(status(store, after[0]).await, Status::Queued);
+}
+
+async fn an_opt_out_from_one_sender_refuses_only_that_sender(store: &dyn Store) {
+    let by = OptOutSource {
+        source: "api",
+        actor: None,
+    };
+    let entries = vec![(TO.into(), Some("iP1".into()))];
+    store
+        .add_opt_outs("a", entries, by, AccountPolicy::default())
+        .await
+        .unwrap();
+    let from_it = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
+    assert_eq!(status(store, from_it[0]).await, Status::RefusedOptedOut);
+    let mut other = new_message(TO, Category::Marketing, None);
+    other.sender = "Other".into();
+    let from_other = submit(store, vec![other]).await;
+    assert_eq!(status(store, from_other[0]).await, Status::Queued);
 }
 
 async fn an_opt_out_after_submission_stops_the_message_at_send_time(store: &dyn Store) {
@@ -564,10 +606,12 @@ conformance!(
     an_idempotency_key_replays_the_first_answer,
     a_claimed_message_is_sent_and_delivered_with_webhooks,
     a_receipt_before_its_submit_resp_is_parked_then_applied,
+    a_carrier_id_used_again_names_the_newest_part,
     a_retry_is_claimed_again_when_due,
     the_backlog_counts_waiting_messages_and_tells_when_the_earliest_was_due,
     only_ended_leases_are_released,
     an_opt_out_refuses_waiting_and_new_marketing,
+    an_opt_out_from_one_sender_refuses_only_that_sender,
     an_opt_out_after_submission_stops_the_message_at_send_time,
     a_number_change_refuses_older_consent,
     unknown_subscriber_results_hold_the_number_until_cleared,

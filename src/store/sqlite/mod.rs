@@ -1739,21 +1739,26 @@ fn apply_receipt(
         }),
         ..receipt.clone()
     };
-    // Carriers reuse ids over time: the newest part with this id is the one meant.
-    let part = optional(
+    // Carriers reuse ids over time: the newest part with this id is the one meant. With MAX,
+    // SQLite takes the other columns from the row of the maximum, and needs no sort (`ORDER BY
+    // updated_at DESC LIMIT 1` built a temporary b-tree for every receipt). It returns one
+    // row, of NULLs when no part has the id.
+    let part = one(
         tx,
-        "SELECT rowid, message_id, part, state, updated_at FROM parts
-         WHERE carrier = ?1 AND carrier_message_id = ?2
-         ORDER BY updated_at DESC LIMIT 1",
+        "SELECT rowid, message_id, part, state, MAX(updated_at) FROM parts
+         WHERE carrier = ?1 AND carrier_message_id = ?2",
         params![carrier, key],
         |r| {
-            Ok(PartRow {
-                rowid: r.get(0)?,
+            let Some(rowid) = r.get(0)? else {
+                return Ok(None);
+            };
+            Ok(Some(PartRow {
+                rowid,
                 message_id: r.get(1)?,
                 part: r.get(2)?,
                 state: r.get(3)?,
                 updated_at: r.get(4)?,
-            })
+            }))
         },
     )?;
     let Some(part) = part else {
