@@ -14,6 +14,7 @@
 use crate::store::shared::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -934,6 +935,7 @@ impl Store for SqliteStore {
 /// of the file, set by the migrations' connection).
 fn open_writer(path: &Path) -> Result<rusqlite::Connection, StoreError> {
     let conn = rusqlite::Connection::open(path)?;
+    enlarge_lookaside(&conn);
     conn.busy_timeout(WRITER_BUSY_TIMEOUT)?;
     // With WAL, NORMAL survives a process crash; FULL also survives power loss.
     conn.execute_batch(
@@ -941,6 +943,31 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection, StoreError> {
          PRAGMA wal_autocheckpoint = 0;",
     )?;
     Ok(conn)
+}
+
+/// The writer's lookaside: SQLite's per-connection allocator for its small objects (cursors,
+/// values, the parts of a prepared statement). The kept statements hold all of the default
+/// 48 KB, so every other allocation went to `malloc`: 3 million in a 20,000-message run of the
+/// e2e bench, 8% of the writer's CPU. With 1.2 MB, ~700 of its slots are in use and none misses.
+const LOOKASIDE_SLOTS: c_int = 1000;
+const LOOKASIDE_SLOT_BYTES: c_int = 1200;
+
+fn enlarge_lookaside(conn: &rusqlite::Connection) {
+    // SAFETY: the handle is the open connection `conn` owns, used on this thread only, and
+    // nothing has been allocated from its lookaside yet (SQLite refuses with SQLITE_BUSY then).
+    // A null buffer lets SQLite allocate the slots itself.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_config(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<c_void>(),
+            LOOKASIDE_SLOT_BYTES,
+            LOOKASIDE_SLOTS,
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        tracing::debug!(rc, "the writer keeps SQLite's default lookaside");
+    }
 }
 
 /// How often the checkpointer copies the WAL into the database file.
