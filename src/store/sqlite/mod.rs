@@ -306,16 +306,17 @@ impl PolicyClock {
 ///
 /// rusqlite's statement cache looks a statement up by its text: it hashes the SQL (a few
 /// hundred bytes) on every run and again to put it back, and keeps an LRU list; that was 5% of
-/// the writer's time. The writer's statements are constants, so the address of the text names
-/// the statement. A statement is taken out while it runs, so a statement used again inside
-/// its own run (it never is) would be prepared a second time, not shared.
+/// the writer's time. The writer's statements are constants, so the address and length of the
+/// text name the statement (the length too, in case one constant begins where another does). A
+/// statement is taken out while it runs, so a statement used again inside its own run (it never
+/// is) would be prepared a second time, not shared.
 ///
 /// A statement that repeats all the time writes its limit `LIMIT +?n`, not `LIMIT ?n`: SQLite's
 /// planner reads a bare bound limit, so every new binding re-prepares the statement (a claim's
 /// re-prepare was 4% of the writer's time). The plan is the same either way.
 struct Tx<'c> {
     conn: &'c rusqlite::Connection,
-    prepared: RefCell<HashMap<usize, rusqlite::Statement<'c>>>,
+    prepared: RefCell<HashMap<(usize, usize), rusqlite::Statement<'c>>>,
 }
 
 impl<'c> Tx<'c> {
@@ -332,7 +333,7 @@ impl<'c> Tx<'c> {
         sql: &'static str,
         work: impl FnOnce(&mut rusqlite::Statement<'c>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let key = sql.as_ptr() as usize;
+        let key = (sql.as_ptr() as usize, sql.len());
         let kept = self.prepared.borrow_mut().remove(&key);
         let mut statement = match kept {
             Some(statement) => statement,
