@@ -99,6 +99,25 @@ fn receipt(carrier_id: &str, state: ReceiptState) -> Receipt {
     }
 }
 
+/// An opt-out as the HTTP API records it.
+fn by_api() -> OptOutSource {
+    OptOutSource {
+        source: "api",
+        actor: None,
+    }
+}
+
+/// Submits one message, claims it and records it sent, accepted as `carrier_id`.
+async fn one_sent(store: &dyn Store, carrier_id: &str) -> MessageId {
+    let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
+    store.claim_due(10, lease()).await.unwrap();
+    store
+        .record_attempts(vec![sent(ids[0], carrier_id)])
+        .await
+        .unwrap();
+    ids[0]
+}
+
 // ---- the cases ----
 
 async fn stored_messages_are_shown_and_listed_newest_first(store: &dyn Store) {
@@ -240,27 +259,17 @@ async fn a_receipt_before_its_submit_resp_is_parked_then_applied(store: &dyn Sto
 }
 
 async fn a_carrier_id_used_again_names_the_newest_part(store: &dyn Store) {
-    let first = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
-    store.claim_due(10, lease()).await.unwrap();
-    store
-        .record_attempts(vec![sent(first[0], "5a")])
-        .await
-        .unwrap();
+    let first = one_sent(store, "5a").await;
     // Parts are ordered by the millisecond of their last change.
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let second = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
-    store.claim_due(10, lease()).await.unwrap();
-    store
-        .record_attempts(vec![sent(second[0], "5a")])
-        .await
-        .unwrap();
+    let second = one_sent(store, "5a").await;
     let matched = store
         .apply_receipt("sim", receipt("5a", ReceiptState::Delivered))
         .await
         .unwrap();
     assert_eq!(matched, ReceiptMatch::Matched);
-    assert_eq!(status(store, second[0]).await, Status::Delivered);
-    assert_eq!(status(store, first[0]).await, Status::Sent);
+    assert_eq!(status(store, second).await, Status::Delivered);
+    assert_eq!(status(store, first).await, Status::Sent);
 }
 
 async fn a_retry_is_claimed_again_when_due(store: &dyn Store) {
@@ -321,10 +330,7 @@ async fn only_ended_leases_are_released(store: &dyn Store) {
 
 async fn an_opt_out_refuses_waiting_and_new_marketing(store: &dyn Store) {
     let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
-    let by = OptOutSource {
-        source: "api",
-        actor: None,
-    };
+    let by = by_api();
     let added = store
         .add_opt_outs(
             "a",
@@ -347,10 +353,7 @@ async fn an_opt_out_refuses_waiting_and_new_marketing(store: &dyn Store) {
 }
 
 async fn an_opt_out_from_one_sender_refuses_only_that_sender(store: &dyn Store) {
-    let by = OptOutSource {
-        source: "api",
-        actor: None,
-    };
+    let by = by_api();
     let entries = vec![(TO.into(), Some("iP1".into()))];
     store
         .add_opt_outs("a", entries, by, AccountPolicy::default())
@@ -366,10 +369,7 @@ async fn an_opt_out_from_one_sender_refuses_only_that_sender(store: &dyn Store) 
 
 async fn an_opt_out_after_submission_stops_the_message_at_send_time(store: &dyn Store) {
     let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
-    let by = OptOutSource {
-        source: "api",
-        actor: None,
-    };
+    let by = by_api();
     store
         .add_opt_outs("a", vec![(TO.into(), None)], by, AccountPolicy::default())
         .await
@@ -523,12 +523,7 @@ async fn overdue_messages_expire_and_purge_counts(store: &dyn Store) {
 }
 
 async fn receipt_diagnosis_finds_known_ids_parked_receipts_and_parts_to_query(store: &dyn Store) {
-    let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
-    store.claim_due(10, lease()).await.unwrap();
-    store
-        .record_attempts(vec![sent(ids[0], "00AB")])
-        .await
-        .unwrap();
+    let id = one_sent(store, "00AB").await;
     let known = store
         .known_carrier_ids("sim", &["AB".into(), "CD".into()])
         .await
@@ -559,7 +554,7 @@ async fn receipt_diagnosis_finds_known_ids_parked_receipts_and_parts_to_query(st
         .await
         .unwrap();
     assert_eq!(queries.len(), 1);
-    assert_eq!(queries[0].message_id, ids[0]);
+    assert_eq!(queries[0].message_id, id);
     assert_eq!(
         queries[0].carrier_message_id, "00AB",
         "as the carrier wrote it"
@@ -693,10 +688,7 @@ async fn receipts_reach_any_instance_and_an_opt_out_at_one_stops_sending_at_the_
     // generation has moved (b records another opt-out).
     const OTHER: &str = "+46709999999";
     let ids = submit(&a, vec![new_message(OTHER, Category::Marketing, None)]).await;
-    let by = OptOutSource {
-        source: "api",
-        actor: None,
-    };
+    let by = by_api();
     sqlx::query(
         "INSERT INTO opt_outs (account, number_key, number, sender, source, created_at)
          VALUES ('a', $1, $2, '', 'api', 0)",
