@@ -5,12 +5,17 @@
 //! share one queue. Every method that returns `Ok` has committed what it was given: callers answer their
 //! own callers (HTTP 202, deliver_sm_resp) only after that.
 
+mod domain;
 mod handoff;
 pub mod postgres;
 mod shared;
 pub mod sqlite;
+mod writer;
 
 pub use handoff::Handoff;
+pub use writer::Writer;
+
+use domain::{Op, Reply};
 
 use std::sync::Arc;
 
@@ -458,8 +463,13 @@ pub struct Signals {
     pub handoff: Handoff,
 }
 
+/// The gateway's durable store. Writes go through the backend's [`Writer`] and the rules of
+/// `domain`, written once; reads are each backend's own SQL.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The backend's writer, which applies every write below.
+    fn writer(&self) -> &Writer;
+
     /// Stores a batch of messages (and the first answer, for an idempotent request) in one
     /// transaction. Concurrent callers are group-committed.
     /// Checks each message against the opt-outs, number changes and suspect numbers, stores
@@ -471,7 +481,19 @@ pub trait Store: Send + Sync + 'static {
         messages: Vec<NewMessage>,
         idempotency: Option<IdempotencyRequest>,
         render: RenderAnswer,
-    ) -> Result<SubmitResult, StoreError>;
+    ) -> Result<SubmitResult, StoreError> {
+        let op = Op::Submit {
+            account: account.to_owned(),
+            policy,
+            messages,
+            idempotency,
+            render,
+        };
+        match self.writer().call(op).await? {
+            Reply::Submit(result) => Ok(result),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// Adds opt-outs (journalled) and refuses the account's waiting messages they cover.
     /// Returns how many entries were new.
@@ -481,7 +503,15 @@ pub trait Store: Send + Sync + 'static {
         entries: Vec<(String, Option<String>)>,
         by: OptOutSource,
         policy: AccountPolicy,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<u64, StoreError> {
+        let op = Op::AddOptOuts {
+            account: account.to_owned(),
+            entries,
+            by,
+            policy,
+        };
+        self.writer().count(op).await
+    }
 
     /// Removes an opt-out (journalled); `sender` None removes every entry for the number.
     async fn remove_opt_out(
@@ -490,7 +520,15 @@ pub trait Store: Send + Sync + 'static {
         number: &str,
         sender: Option<String>,
         by: OptOutSource,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<u64, StoreError> {
+        let op = Op::RemoveOptOut {
+            account: account.to_owned(),
+            number: number.to_owned(),
+            sender,
+            by,
+        };
+        self.writer().count(op).await
+    }
 
     /// The account's opt-outs, after the given number key (paging), oldest key first.
     async fn list_opt_outs(
@@ -506,7 +544,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         changes: Vec<NumberChange>,
         follow: Vec<String>,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<u64, StoreError> {
+        self.writer()
+            .count(Op::AddNumberChanges { changes, follow })
+            .await
+    }
 
     /// The changes visible to `account` for a number, and its carrier-feedback state.
     async fn number_history(
@@ -518,17 +560,31 @@ pub trait Store: Send + Sync + 'static {
     /// Clears a suspect number: the mark goes, and the held messages of `account` (of every
     /// account when `None`, the operator) are queued again. False when it was not suspect and
     /// nothing was held.
-    async fn clear_suspect(&self, number: &str, account: Option<&str>) -> Result<bool, StoreError>;
+    async fn clear_suspect(&self, number: &str, account: Option<&str>) -> Result<bool, StoreError> {
+        let op = Op::ClearSuspect {
+            number: number.to_owned(),
+            account: account.map(str::to_owned),
+        };
+        self.writer().count(op).await.map(|n| n > 0)
+    }
 
     /// Messages of every account in one status, oldest due first (operators' queue view).
     async fn queue(&self, status: Status, limit: u32) -> Result<Vec<MessageView>, StoreError>;
 
     /// Sends a message that ended (failed, expired, unknown, undelivered) once more, valid until
     /// `expires_at`. False when it is not in such a state.
-    async fn retry(&self, id: MessageId, expires_at: i64) -> Result<bool, StoreError>;
+    async fn retry(&self, id: MessageId, expires_at: i64) -> Result<bool, StoreError> {
+        let op = Op::Retry { id, expires_at };
+        self.writer().count(op).await.map(|n| n > 0)
+    }
 
     /// Cancels a waiting message of any account (operators).
-    async fn cancel_any(&self, id: MessageId) -> Result<CancelResult, StoreError>;
+    async fn cancel_any(&self, id: MessageId) -> Result<CancelResult, StoreError> {
+        match self.writer().call(Op::CancelAny { id }).await? {
+            Reply::Cancel(result) => Ok(result),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// Everything the account holds about a number.
     async fn export_subject(
@@ -538,7 +594,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<SubjectExport, StoreError>;
 
     /// Erases what the account holds about a number, keeping opt-outs pseudonymised.
-    async fn erase_subject(&self, account: &str, number: &str) -> Result<Erasure, StoreError>;
+    async fn erase_subject(&self, account: &str, number: &str) -> Result<Erasure, StoreError> {
+        let op = Op::EraseSubject {
+            account: account.to_owned(),
+            number: number.to_owned(),
+        };
+        match self.writer().call(op).await? {
+            Reply::Erased(erasure) => Ok(erasure),
+            other => Err(other.unexpected()),
+        }
+    }
 
     async fn idempotent_answer(
         &self,
@@ -558,58 +623,90 @@ pub trait Store: Send + Sync + 'static {
         filter: &ListFilter,
     ) -> Result<Vec<MessageView>, StoreError>;
 
-    async fn cancel(&self, account: &str, id: MessageId) -> Result<CancelResult, StoreError>;
+    async fn cancel(&self, account: &str, id: MessageId) -> Result<CancelResult, StoreError> {
+        let op = Op::Cancel {
+            account: account.to_owned(),
+            id,
+        };
+        match self.writer().call(op).await? {
+            Reply::Cancel(result) => Ok(result),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// Claims up to `limit` due messages, leasing them until `lease_until` (ms).
-    async fn claim_due(&self, limit: usize, lease_until: i64) -> Result<Vec<Claimed>, StoreError>;
+    async fn claim_due(&self, limit: usize, lease_until: i64) -> Result<Vec<Claimed>, StoreError> {
+        match self.writer().call(Op::Claim { limit, lease_until }).await? {
+            Reply::Claimed(claimed) => Ok(claimed),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// When the earliest waiting message is due (ms), if any.
     async fn next_due(&self) -> Result<Option<i64>, StoreError>;
 
-    async fn record_attempts(&self, results: Vec<AttemptResult>) -> Result<(), StoreError>;
+    async fn record_attempts(&self, results: Vec<AttemptResult>) -> Result<(), StoreError> {
+        self.writer().call(Op::Attempts(results)).await.map(|_| ())
+    }
 
     async fn apply_receipt(
         &self,
         carrier: &str,
         receipt: Receipt,
-    ) -> Result<ReceiptMatch, StoreError>;
+    ) -> Result<ReceiptMatch, StoreError> {
+        let op = Op::Receipt {
+            carrier: carrier.to_owned(),
+            receipt,
+        };
+        match self.writer().call(op).await? {
+            Reply::Receipt(m) => Ok(m),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// Which of `ids` (normalised) some part of `carrier` has: how `receipt_id = "auto"`
-    /// tells which reading of a receipt's id is meant. A backend without it answers none, and
-    /// `auto` then matches ids as given.
+    /// tells which reading of a receipt's id is meant.
     async fn known_carrier_ids(
         &self,
         carrier: &str,
         ids: &[String],
-    ) -> Result<Vec<String>, StoreError> {
-        let _ = (carrier, ids);
-        Ok(Vec::new())
-    }
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Removes and returns the receipts of `carrier` parked (by `apply_receipt`) before
-    /// `received_before` (ms) whose part never came. A backend without it keeps its own
-    /// expiry of parked receipts, and the unmatched list shows only unreadable ones.
+    /// `received_before` (ms) whose part never came.
     async fn take_unmatched_receipts(
         &self,
         carrier: &str,
         received_before: i64,
     ) -> Result<Vec<ParkedReceipt>, StoreError> {
-        let _ = (carrier, received_before);
-        Ok(Vec::new())
+        let op = Op::TakeUnmatched {
+            carrier: carrier.to_owned(),
+            received_before,
+        };
+        match self.writer().call(op).await? {
+            Reply::Parked(parked) => Ok(parked),
+            other => Err(other.unexpected()),
+        }
     }
 
     /// Up to `limit` parts of `carrier`'s `sent` messages accepted before `accepted_before`
     /// (ms) that have no final receipt and were not asked about since then; marks them asked
-    /// about now, so each is queried at most once per period. A backend without it never
-    /// queries.
+    /// about now, so each is queried at most once per period.
     async fn claim_receipt_queries(
         &self,
         carrier: &str,
         accepted_before: i64,
         limit: u32,
     ) -> Result<Vec<ReceiptQuery>, StoreError> {
-        let _ = (carrier, accepted_before, limit);
-        Ok(Vec::new())
+        let op = Op::ClaimQueries {
+            carrier: carrier.to_owned(),
+            accepted_before,
+            limit,
+        };
+        match self.writer().call(op).await? {
+            Reply::Queries(queries) => Ok(queries),
+            other => Err(other.unexpected()),
+        }
     }
 
     /// Stores a mobile-originated message for its owner, if known, with a webhook if the
@@ -619,37 +716,88 @@ pub trait Store: Send + Sync + 'static {
         carrier: &str,
         sms: InboundSms,
         owner: Option<InboundOwner>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let op = Op::Inbound {
+            carrier: carrier.to_owned(),
+            sms,
+            owner,
+        };
+        self.writer().call(op).await.map(|_| ())
+    }
 
     /// Returns messages whose lease has ended (a process died while sending them) to the queue.
     /// `all` also takes leases that have not ended: right for a single instance at start-up.
     /// PostgreSQL never takes another live instance's claims: there `all` adds only this
     /// process's own.
-    async fn release_claims(&self, all: bool) -> Result<u64, StoreError>;
+    async fn release_claims(&self, all: bool) -> Result<u64, StoreError> {
+        self.writer().count(Op::Release { all }).await
+    }
 
     /// Expires waiting messages whose validity has ended, even while no carrier is bound.
-    async fn expire_overdue(&self) -> Result<u64, StoreError>;
+    async fn expire_overdue(&self) -> Result<u64, StoreError> {
+        self.writer().count(Op::ExpireOverdue).await
+    }
 
     async fn claim_webhooks(
         &self,
         limit: usize,
         lease_until: i64,
-    ) -> Result<Vec<WebhookJob>, StoreError>;
+    ) -> Result<Vec<WebhookJob>, StoreError> {
+        match self
+            .writer()
+            .call(Op::ClaimWebhooks { limit, lease_until })
+            .await?
+        {
+            Reply::Webhooks(jobs) => Ok(jobs),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// Records the outcome of posted webhooks, many at once. One caller at a time (the
     /// sender's recorder): the results of handed webhooks settle them in that order.
     async fn webhook_results(
         &self,
         results: Vec<(WebhookJob, WebhookResult)>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let handoff = &self.signals().handoff;
+        let events: Vec<i64> = results
+            .iter()
+            .filter(|(job, _)| job.copy == WebhookCopy::Event)
+            .map(|(job, _)| job.id)
+            .collect();
+        let settled_through = handoff.settle(&events);
+        let op = Op::WebhookResults {
+            results,
+            settled_through,
+        };
+        self.writer()
+            .call(op)
+            .await
+            .map(|_| ())
+            .inspect_err(|_| handoff.unsettle(&events))
+    }
 
     /// When the earliest pending webhook is due (ms), if any.
     async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;
 
     /// Removes what the retention periods say is too old, at most `limit` rows of each kind;
     /// `dry_run` only counts.
-    async fn purge(&self, cutoffs: Cutoffs, limit: u32, dry_run: bool)
-    -> Result<Purge, StoreError>;
+    async fn purge(
+        &self,
+        cutoffs: Cutoffs,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<Purge, StoreError> {
+        let op = Op::Purge {
+            cutoffs,
+            limit,
+            dry_run,
+        };
+        match self.writer().call(op).await? {
+            Reply::Purged(purge) => Ok(purge),
+            other => Err(other.unexpected()),
+        }
+    }
 
     /// Messages waiting, when the earliest of them is due (ms; as `next_due`: read from the
     /// claim's index, not from every waiting row), and webhooks waiting.
