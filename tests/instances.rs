@@ -506,9 +506,24 @@ async fn two_daemons_share_the_queue_and_a_killed_ones_messages_are_sent_by_the_
         .map(|i| format!("m{i}"))
         .collect();
     for text in &twice {
-        assert!(
-            in_window.contains(*text),
-            "{text} was submitted twice but was not in the killed daemon's window"
+        if in_window.contains(*text) {
+            continue;
+        }
+        // Its history says why it went twice.
+        let id = ids
+            .iter()
+            .find(|(i, _)| format!("m{i}") == **text)
+            .map(|(_, id)| id.clone())
+            .unwrap_or_default();
+        let history: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT at, status, detail FROM events WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(&id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        panic!(
+            "{text} ({id}) was submitted twice but was not in the killed daemon's window: {history:?}"
         );
     }
     assert!(

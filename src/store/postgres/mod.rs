@@ -517,9 +517,16 @@ async fn renew_leases(pool: PgPool, leases: Arc<Leases>, stop: CancellationToken
         if held.is_empty() || lease == 0 {
             continue;
         }
+        // A row a writer's transaction holds right now (its result or a receipt being
+        // stored) is skipped, not waited for: waiting on rows that many concurrent
+        // transactions lock in other orders deadlocked the renewal, and the leases ended under
+        // messages still being sent. A skipped row is renewed at the next round, within the
+        // lease.
         let renewed = sqlx::query(
             "UPDATE messages SET locked_until = $1
-             WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $3",
+             WHERE id IN (SELECT id FROM messages
+                          WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $3
+                          FOR UPDATE SKIP LOCKED)",
         )
         .bind(now_ms() + lease)
         .bind(&held)
