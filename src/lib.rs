@@ -239,6 +239,7 @@ pub async fn run_with_reloads(
     systemd::ready(&format!("HTTP API on {address}"));
     let http = state.http.clone();
     api::serve::serve(
+        "api",
         listeners.http,
         api::router(state),
         &http,

@@ -331,7 +331,9 @@ async fn slow_clients_are_disconnected_and_the_connection_limit_keeps_the_gatewa
         .unwrap();
     let metrics = metrics.text().await.unwrap();
     assert!(
-        metrics.contains("smsgw_http_connections_closed_total{reason=\"header_timeout\"}"),
+        metrics.contains(
+            "smsgw_http_connections_closed_total{listener=\"api\",reason=\"header_timeout\"}"
+        ),
         "{metrics}"
     );
     gateway.stop().await;
