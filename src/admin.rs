@@ -22,6 +22,11 @@ pub enum AdminError {
         "the admin API at {url} did not answer ({source}); is the gateway running, with [admin] enabled?"
     )]
     Unreachable { url: String, source: reqwest::Error },
+    #[error(
+        "no permission to open the admin API at {0}: run the command as the gateway's user \
+         (sudo -u smsgw smsgw ...) or as root"
+    )]
+    NoPermission(String),
     #[error("admin.enabled is false: the gateway serves no admin API to ask")]
     Disabled,
     #[error("cannot make an HTTP client: {0}")]

@@ -216,3 +216,52 @@ fn the_daemon_serves_its_admin_api_on_a_private_socket_that_smsgw_status_uses() 
     let (ok, text) = smsgw(&config, &["status"]);
     assert!(!ok && text.contains("did not answer"), "{text}");
 }
+
+#[test]
+fn another_user_cannot_use_the_admin_socket() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // Needs root, to run the command as another user (CI runs as root).
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, "").unwrap();
+    let root = std::fs::metadata(&probe).unwrap().uid() == 0;
+    let runuser = Command::new("runuser").arg("--help").output().is_ok();
+    if !root || !runuser {
+        eprintln!("skipped: needs root and runuser to act as the user nobody");
+        return;
+    }
+    // Everything but the state the gateway makes is readable by `nobody`.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = dir.path().join("smsgw");
+    std::fs::copy(env!("CARGO_BIN_EXE_smsgw"), &binary).unwrap();
+    let state = dir.path().join("state");
+    let db = state.join("smsgw.db");
+    let config = dir.path().join("smsgw.toml");
+    let text = config_text(&db, "127.0.0.1:9".parse().unwrap(), None);
+    std::fs::write(
+        &config,
+        format!("[http]\nlisten = \"127.0.0.1:0\"\n[logging]\nformat = \"json\"\n{text}"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let daemon = Daemon::start(&config);
+    let as_nobody = || {
+        let output = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&binary)
+            .args(["status", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), text)
+    };
+    // The state directory is the gateway's alone, and so is the socket itself.
+    let (ok, text) = as_nobody();
+    assert!(!ok && text.contains("no permission"), "{text}");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, text) = as_nobody();
+    assert!(!ok && text.contains("no permission"), "{text}");
+    let (ok, text) = smsgw(&config, &["status"]);
+    assert!(ok, "the gateway's own user is served: {text}");
+    daemon.terminate();
+}

@@ -82,13 +82,16 @@ impl AdminClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token.expose());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|source| AdminError::Unreachable {
-                url: self.endpoint.clone(),
-                source,
-            })?;
+        let response = request.send().await.map_err(|source| {
+            if permission_denied(&source) {
+                AdminError::NoPermission(self.endpoint.clone())
+            } else {
+                AdminError::Unreachable {
+                    url: self.endpoint.clone(),
+                    source,
+                }
+            }
+        })?;
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         if !(200..300).contains(&status) {
@@ -97,4 +100,20 @@ impl AdminClient {
         serde_json::from_str(&body)
             .map_err(|e| AdminError::Invalid(format!("the admin API answered no JSON: {e}")))
     }
+}
+
+/// Whether the socket (or its directory) may not be opened by this user: the usual mistake
+/// under systemd, worth another message than "is the gateway running?".
+fn permission_denied(error: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
