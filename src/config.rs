@@ -24,6 +24,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub retention: RetentionConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub logging: LoggingConfig,
     pub accounts: Vec<AccountConfig>,
     pub carriers: Vec<CarrierConfig>,
@@ -253,23 +254,77 @@ impl Default for RetentionConfig {
     }
 }
 
-/// The operators' API (status, queue, carriers), on its own listener.
+/// The operators' API (status, queue, carriers), on its own listener: a Unix socket by default,
+/// whose file mode decides who may use it, or TCP with a bearer token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Where the admin API listens; loopback only by default.
-    pub listen: SocketAddr,
     /// Whether to serve it at all.
     pub enabled: bool,
+    /// The Unix socket (mode 0600); None: `admin.sock` in the directory of `store.path`, the
+    /// gateway's state directory.
+    pub socket: Option<PathBuf>,
+    /// TCP instead of the socket (needs `token`): for an operator on another host.
+    pub listen: Option<SocketAddr>,
+    /// The bearer token every admin request must carry; required with `listen`.
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             enabled: true,
+            socket: None,
+            listen: None,
+            token: None,
         }
     }
+}
+
+/// Where the admin API is served, when it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminEndpoint {
+    Socket(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// Longest admin socket path: the system takes 107 bytes, and the socket is made under a
+/// temporary name of up to 12 more bytes beside it (see `api::listener`).
+pub const MAX_SOCKET_PATH: usize = 95;
+
+impl Config {
+    /// Where the admin API listens (None when disabled): `admin.listen`, else `admin.socket`,
+    /// else `admin.sock` beside the SQLite store.
+    pub fn admin_endpoint(&self) -> Option<AdminEndpoint> {
+        let admin = &self.admin;
+        if !admin.enabled {
+            return None;
+        }
+        Some(match (admin.listen, &admin.socket) {
+            (Some(address), _) => AdminEndpoint::Tcp(address),
+            (None, Some(path)) => AdminEndpoint::Socket(path.clone()),
+            (None, None) => AdminEndpoint::Socket(
+                self.store
+                    .path
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join("admin.sock"),
+            ),
+        })
+    }
+}
+
+/// Prometheus's listener: `GET /metrics` only, apart from the API (whose clients, the
+/// accounts, must not read each other's counters) and from the admin API (whose token may
+/// change things; a scraper only reads).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served; None: nowhere.
+    pub listen: Option<SocketAddr>,
+    /// A bearer token Prometheus must send (`authorization: {credentials: ...}`); required
+    /// when `listen` is not loopback.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -910,8 +965,64 @@ impl Config {
         self.validate_accounts(&mut problems);
         self.validate_carriers(&mut problems);
         self.validate_routes(&mut problems);
+        self.validate_operators(&mut problems);
         problems.extend(self.amqp.validate(&self.accounts));
         problems
+    }
+
+    /// The admin and metrics listeners: who can reach them decides whether a token is needed.
+    fn validate_operators(&self, problems: &mut Vec<String>) {
+        let admin = &self.admin;
+        if admin.listen.is_some() && admin.socket.is_some() {
+            problems.push(
+                "admin.listen: give either admin.socket (a Unix socket) or admin.listen (TCP), \
+                 not both"
+                    .into(),
+            );
+        }
+        // Any TCP listener, loopback too: every local user, a browser on this host and the
+        // gateway's own webhook requests reach loopback; only the socket has file permissions.
+        if admin.enabled && admin.listen.is_some() && admin.token.is_none() {
+            problems.push(
+                "admin.listen: a TCP admin listener (loopback included) needs admin.token, a \
+                 random secret of at least 16 characters; or remove admin.listen to use the Unix \
+                 socket"
+                    .into(),
+            );
+        }
+        if let Some(AdminEndpoint::Socket(path)) = self.admin_endpoint()
+            && path.as_os_str().len() > MAX_SOCKET_PATH
+        {
+            problems.push(format!(
+                "admin.socket: `{}` is longer than {MAX_SOCKET_PATH} bytes, too long for a Unix \
+                 socket{}",
+                path.display(),
+                if admin.socket.is_none() {
+                    " (by default it is admin.sock beside store.path)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Some(address) = self.metrics.listen
+            && !address.ip().is_loopback()
+            && self.metrics.token.is_none()
+        {
+            problems.push(format!(
+                "metrics.listen: {address} is not loopback: set metrics.token (Prometheus sends \
+                 it as a bearer token), or listen on 127.0.0.1"
+            ));
+        }
+        for (key, token) in [
+            ("admin.token", &admin.token),
+            ("metrics.token", &self.metrics.token),
+        ] {
+            if let Some(token) = token
+                && token.expose().len() < 16
+            {
+                problems.push(format!("{key}: must be at least 16 characters"));
+            }
+        }
     }
 
     fn validate_accounts(&self, problems: &mut Vec<String>) {

@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod limits;
+pub mod listener;
 mod messages;
 pub mod openapi;
 pub mod policy;
@@ -46,7 +48,6 @@ pub struct AppState {
     pub carriers: Arc<CarrierRouter>,
     pub http: Arc<HttpConfig>,
     pub messages: Arc<MessagesConfig>,
-    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// One route of the API: its method, its path (axum's `{param}` syntax is OpenAPI's too), the
@@ -104,7 +105,6 @@ pub const ROUTES: &[Route] = &[
     Route::new("GET", "/v1/openapi.json", PUBLIC, |m| {
         on(m, openapi::document)
     }),
-    Route::new("GET", "/metrics", PUBLIC, |m| on(m, prometheus)),
     Route::new("GET", "/healthz", PUBLIC, |m| on(m, healthz)),
     Route::new("GET", "/readyz", PUBLIC, |m| on(m, readyz)),
 ];
@@ -113,7 +113,8 @@ const SUBMIT: Option<Scope> = Some(Scope::Submit);
 const READ: Option<Scope> = Some(Scope::Read);
 const POLICY: Option<Scope> = Some(Scope::Policy);
 const SUBJECTS: Option<Scope> = Some(Scope::Subjects);
-/// No API key: health, readiness, metrics and the OpenAPI document.
+/// No API key: health, readiness and the OpenAPI document. (The metrics are not here: the
+/// accounts, the API's clients, must not read each other's counters; see `metrics.listen`.)
 const PUBLIC: Option<Scope> = None;
 
 impl Route {
@@ -327,20 +328,6 @@ pub(super) async fn json_body<T: DeserializeOwned>(
 ) -> Result<T, ApiError> {
     let bytes: Bytes = read_body(state, body).await?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(&e))
-}
-
-/// Prometheus text format. Unauthenticated like the health checks: keep the API listener on
-/// loopback (the default) or behind a proxy that restricts `/metrics`.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    operation_id = "metrics",
-    responses((status = 200, description = "The gateway's metrics in the Prometheus text format",
-        body = String, content_type = "text/plain")),
-)]
-async fn prometheus(State(state): State<AppState>) -> String {
-    state.prometheus.render()
 }
 
 /// The process is alive.
