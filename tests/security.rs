@@ -794,3 +794,27 @@ async fn the_daemon_logs_no_number_text_key_or_secret_even_at_debug_level() {
     // The national form of the number neither.
     assert!(!log.contains("701234567"), "the number is in the log");
 }
+
+#[tokio::test]
+async fn a_sender_that_is_empty_once_normalised_is_refused_422_invalid_sender() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+
+    // Account b has no `senders` list: any valid sender goes, and these are not valid.
+    for from in ["+", " + ", ""] {
+        let (status, body) = gateway
+            .post(
+                KEY_B,
+                &json!({"to": "+46701234567", "from": from, "text": "Hej"}),
+            )
+            .await;
+        assert_eq!(status, 422, "{from:?}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_sender", "{body}");
+        assert_eq!(body["error"]["field"], "from", "{body}");
+    }
+    let (_, list) = gateway.get(KEY_B, "/v1/messages").await;
+    assert_eq!(list["messages"], json!([]), "nothing was stored: {list}");
+    assert_eq!(sim.handle.submitted_count(), 0);
+    gateway.stop().await;
+}
