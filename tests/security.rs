@@ -795,6 +795,50 @@ async fn the_daemon_logs_no_number_text_key_or_secret_even_at_debug_level() {
     assert!(!log.contains("701234567"), "the number is in the log");
 }
 
+/// The JSON body of a raw HTTP answer (after the blank line).
+fn answer_json(answer: &str) -> Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_request_with_two_authorization_headers_is_refused_400_duplicate_authorization() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+    let (status, body) = gateway.post(KEY_B, &message("+46701234567", "Hej")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+
+    // Whichever key comes first, and even the same key twice: one header, or no answer.
+    for (first, second) in [
+        (KEY_A, KEY_B),
+        (KEY_B, KEY_A),
+        (KEY_B, KEY_B),
+        (KEY_B, "unknown"),
+    ] {
+        let request = format!(
+            "GET /v1/messages/{id} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {first}\r\n\
+             authorization: Bearer {second}\r\nconnection: close\r\n\r\n"
+        );
+        let answer = raw_exchange(&gateway, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{first}, {second}: {answer}"
+        );
+        assert_eq!(
+            answer_json(&answer)["error"]["code"],
+            "duplicate_authorization",
+            "{answer}"
+        );
+        assert!(!answer.contains("+46701234567"), "{answer}");
+    }
+    // With one header, the same request is answered.
+    let (status, _) = gateway.get(KEY_B, &format!("/v1/messages/{id}")).await;
+    assert_eq!(status, 200);
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_sender_that_is_empty_once_normalised_is_refused_422_invalid_sender() {
     let sim = Sim::start(sim_config()).await;

@@ -169,12 +169,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// In front of every route that needs a key: the key must be known (401) and have the route's
+/// In front of every route that needs a key: the request must have one `Authorization` header
+/// (400 `duplicate_authorization`), its key must be known (401) and have the route's
 /// scope (403 `insufficient_scope`), and the request must fit the key's and the account's rate
 /// limits (429 `rate_limited`, with `Retry-After`). The handler gets the account the guard
 /// found, as [`Authenticated`]: the key is looked up once, in one version of the live
 /// configuration.
 async fn guard(scope: Scope, state: AppState, mut request: Request, next: Next) -> Response {
+    if auth::several_authorizations(request.headers()) {
+        // RFC 6750 §3.1: more than one way of presenting a token is an `invalid_request`, 400.
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate_authorization",
+            "the request has more than one Authorization header; send exactly one",
+        )
+        .into_response();
+    }
     let Some((account, key)) = state
         .live
         .load()
