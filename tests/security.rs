@@ -802,6 +802,86 @@ fn answer_json(answer: &str) -> Value {
 }
 
 #[tokio::test]
+async fn a_body_over_the_limit_by_its_content_length_is_answered_413_at_once_without_100_continue()
+{
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+
+    for expect in ["expect: 100-continue\r\n", ""] {
+        let request = format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+             content-type: application/json\r\ncontent-length: 2147483648\r\n{expect}\r\n"
+        );
+        let started = std::time::Instant::now();
+        // Nothing of the body is sent: the answer must come from the header alone, and the
+        // connection must close (raw_exchange reads until it does).
+        let answer = raw_exchange(&gateway, request.as_bytes()).await;
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{expect}: {answer}");
+        assert!(!answer.contains("100 Continue"), "{expect}: {answer}");
+        assert_eq!(answer_json(&answer)["error"]["code"], "body_too_large");
+        assert!(
+            took < Duration::from_secs(2),
+            "{expect}: answered after {took:?}"
+        );
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_answered_400_malformed_body() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let limit = "[http]\nmax_body_bytes = 100000\n";
+    let gateway = Gateway::start(config_with(&db, &sim, limit)).await;
+    let post = |body: &str| {
+        format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\
+             connection: close\r\n\r\n{body}"
+        )
+    };
+    let json = r#"{"to":"+46701234567","from":"iP1","text":"chunked"}"#;
+
+    // A chunk size that is not hexadecimal.
+    let answer = raw_exchange(&gateway, post("zz\r\n{}\r\n0\r\n\r\n").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let error = answer_json(&answer);
+    assert_eq!(error["error"]["code"], "malformed_body", "{answer}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("chunk")),
+        "{answer}"
+    );
+
+    // The same body well chunked is taken, in one chunk or in two.
+    let one = format!("{:x}\r\n{json}\r\n0\r\n\r\n", json.len());
+    let answer = raw_exchange(&gateway, post(&one).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let (head, tail) = json.split_at(10);
+    let two = format!(
+        "{:x}\r\n{head}\r\n{:x}\r\n{tail}\r\n0\r\n\r\n",
+        head.len(),
+        tail.len()
+    );
+    let answer = raw_exchange(&gateway, post(&two).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+
+    // Chunks over the body limit, however well formed, are still 413.
+    let big = "a".repeat(70_000);
+    let over = format!(
+        "{:x}\r\n{big}\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len(),
+        big.len()
+    );
+    let answer = raw_exchange(&gateway, post(&over).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    gateway.stop().await;
+}
+
+#[tokio::test]
 async fn a_request_with_two_authorization_headers_is_refused_400_duplicate_authorization() {
     let sim = Sim::start(sim_config()).await;
     let (_dir, db) = temp_db();
