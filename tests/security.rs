@@ -942,3 +942,48 @@ async fn a_sender_that_is_empty_once_normalised_is_refused_422_invalid_sender() 
     assert_eq!(sim.handle.submitted_count(), 0);
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn a_malformed_opt_out_cursor_is_refused_422_invalid_cursor_not_read_as_the_first_page() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+    for number in ["+46701110001", "+46701110002", "+46701110003"] {
+        let (status, body) = gateway
+            .post_json(KEY_A, "/v1/opt-outs", &json!({"number": number}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, first) = gateway.get(KEY_A, "/v1/opt-outs?limit=2").await;
+    assert_eq!(status, 200, "{first}");
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (status, second) = gateway
+        .get(KEY_A, &format!("/v1/opt-outs?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["opt_outs"].as_array().unwrap().len(), 1, "{second}");
+    assert!(second["next_cursor"].is_null(), "{second}");
+
+    let (key, _) = cursor.split_once(':').unwrap();
+    for bad in [
+        "garbage".to_owned(),
+        key.to_owned(),
+        format!("{}:", &key[..63]),
+        format!("{}:", key.to_uppercase()),
+        format!("{key}:Hej!"),
+        format!("{key}:%2B"),
+    ] {
+        let (status, body) = gateway
+            .get(KEY_A, &format!("/v1/opt-outs?limit=2&cursor={bad}"))
+            .await;
+        assert_eq!(status, 422, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_cursor", "{body}");
+        assert_eq!(body["error"]["field"], "cursor", "{body}");
+    }
+    // A cursor with a sender, as a sender's opt-out writes it, pages on.
+    let (status, body) = gateway
+        .get(KEY_A, &format!("/v1/opt-outs?limit=2&cursor={key}:iP1"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gateway.stop().await;
+}
