@@ -854,7 +854,9 @@ pub struct ErasureResult {
     suppressions_kept: u64,
 }
 
-/// Erases what the account holds about a number; an opt-out stays, pseudonymised.
+/// Erases what the account holds about a number; an opt-out stays, pseudonymised. On SQLite,
+/// once answered, the erased numbers and texts are also gone from the bytes of the database
+/// file and its WAL (see the README's Security section for PostgreSQL).
 #[utoipa::path(
     delete,
     path = "/v1/subjects/{number}",
