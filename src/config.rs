@@ -793,6 +793,74 @@ pub enum ConfigError {
     },
 }
 
+/// A TOML error for people, without the source text: toml's own message quotes the faulty line,
+/// and that line may hold a secret (`password = "hunter2` unterminated). This gives the line,
+/// the column, the key where known, and the parser's message; on a line that may hold a secret
+/// (it names a password, secret, pseudonym key or URL, or the error has no position) the values
+/// the message quotes (serde's "invalid type: integer `123`") are left out as well.
+pub fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let mut bare = error.clone();
+    bare.set_input(None);
+    // Without the input, toml writes the message, then "in `key.path`" when it knows the key.
+    let shown = bare.to_string();
+    let key = shown
+        .trim_end()
+        .rsplit_once("\nin `")
+        .and_then(|(_, key)| key.strip_suffix('`'))
+        .map(|key| format!(" (key `{key}`)"))
+        .unwrap_or_default();
+    let at = error.span().map(|span| {
+        let mut start = span.start.min(text.len());
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let before = &text[..start];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = before.matches('\n').count() + 1;
+        let column = before[line_start..].chars().count() + 1;
+        let line_end = text[line_start..]
+            .find('\n')
+            .map_or(text.len(), |i| line_start + i);
+        (line, column, &text[line_start..line_end])
+    });
+    // The keys that hold secrets (`Secret` values), and URLs, which may carry credentials
+    // (`store.url`) or tokens. API keys are configured as hashes: not secret.
+    let secret_words = ["password", "secret", "pseudonym_key", "url"];
+    let sensitive = at.is_none_or(|(_, _, line)| {
+        let line = line.to_ascii_lowercase();
+        secret_words.iter().any(|word| line.contains(word))
+    });
+    let message = if sensitive {
+        without_quotes(error.message())
+    } else {
+        error.message().to_owned()
+    };
+    match at {
+        Some((line, column, _)) => {
+            format!("TOML error at line {line}, column {column}{key}: {message}")
+        }
+        None => format!("TOML error{key}: {message}"),
+    }
+}
+
+/// `text` with every `...` and "..." span replaced by `…`.
+fn without_quotes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quote = None;
+    for c in text.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '`' || c == '"' => {
+                quote = Some(c);
+                out.push('…');
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -807,7 +875,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: toml_error(text, &e),
         })?;
         config.store.path_given = text
             .parse::<toml::Table>()
@@ -1571,5 +1639,36 @@ mod tests {
             "{MINIMAL}\n[http]\ntls = {{ cert_file = \"{dir}/cert.pem\", key_file = \"{dir}/key.pem\" }}\n"
         );
         assert!(parse(&text).unwrap().http.tls.is_some());
+    }
+
+    #[test]
+    fn a_toml_error_names_its_line_and_never_shows_a_secret() {
+        let cases = [
+            // Unterminated: toml's own message would print the line.
+            (
+                "[[carriers]]\nname = \"x\"\npassword = \"hunter2\n",
+                "hunter2",
+                3,
+            ),
+            // A number where a string goes: serde's message quotes the value.
+            ("[privacy]\npseudonym_key = 987654321\n", "987654321", 2),
+            (
+                "[store]\nurl = [\"postgres://u:hunter3@db/smsgw\"]\n",
+                "hunter3",
+                2,
+            ),
+        ];
+        for (text, secret, line) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(!error.contains(secret), "{error}");
+            assert!(error.contains(&format!("line {line},")), "{error}");
+        }
+        // Elsewhere the message keeps what it quotes: it names the field to fix.
+        let error = parse("[messages]\nmax_segmentz = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`max_segmentz`"), "{error}");
+        assert!(error.contains("line 2, column 1"), "{error}");
+        assert!(!error.contains(" | "), "no source snippet: {error}");
     }
 }

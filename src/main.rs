@@ -470,7 +470,14 @@ fn sim(
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+            // The simulator's file holds a bind password too: no source text in the error.
+            toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {}",
+                    path.display(),
+                    smsgw::config::toml_error(&text, &e)
+                )
+            })?
         }
         None => Default::default(),
     };

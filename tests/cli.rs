@@ -265,3 +265,36 @@ fn another_user_cannot_use_the_admin_socket() {
     assert!(ok, "the gateway's own user is served: {text}");
     daemon.terminate();
 }
+
+#[test]
+fn check_config_shows_where_a_syntax_error_is_but_never_the_secret_on_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(write_config(dir.path())).unwrap();
+    let key_line = r#"pseudonym_key = "test-pseudonym-key-0123456789""#;
+    let line_of_key = good.lines().position(|l| l.trim() == key_line).unwrap() + 1;
+    let cases = [
+        // An unterminated string: the parser's snippet would show the whole line.
+        (
+            format!("{good}\n[[carriers]]\nname = \"x\"\npassword = \"hunter2\n"),
+            "hunter2",
+            good.lines().count() + 3,
+        ),
+        // Not a string: serde's message would quote the number.
+        (
+            good.replace(key_line, "pseudonym_key = 31415926535"),
+            "31415926535",
+            line_of_key,
+        ),
+    ];
+    let path = dir.path().join("secret.toml");
+    for (text, secret, line) in cases {
+        std::fs::write(&path, text).unwrap();
+        let (ok, out) = smsgw(&path, &["check-config", path.to_str().unwrap()]);
+        assert!(!ok, "{out}");
+        assert!(!out.contains(secret), "the secret is shown: {out}");
+        assert!(
+            out.contains(&format!("line {line},")),
+            "no line {line} in: {out}"
+        );
+    }
+}

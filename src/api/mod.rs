@@ -170,12 +170,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// In front of every route that needs a key: the key must be known (401) and have the route's
+/// In front of every route that needs a key: the request must have one `Authorization` header
+/// (400 `duplicate_authorization`), its key must be known (401) and have the route's
 /// scope (403 `insufficient_scope`), and the request must fit the key's and the account's rate
 /// limits (429 `rate_limited`, with `Retry-After`). The handler gets the account the guard
 /// found, as [`Authenticated`]: the key is looked up once, in one version of the live
 /// configuration.
 async fn guard(scope: Scope, state: AppState, mut request: Request, next: Next) -> Response {
+    if auth::several_authorizations(request.headers()) {
+        // RFC 6750 §3.1: more than one way of presenting a token is an `invalid_request`, 400.
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate_authorization",
+            "the request has more than one Authorization header; send exactly one",
+        )
+        .into_response();
+    }
     let Some((account, key)) = state
         .live
         .load()
@@ -307,18 +317,71 @@ pub(super) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Api
 /// Reads the body within the size limit and the request timeout. The timeout covers only the
 /// upload: once the body is in, the request is answered, so a slow client cannot leave a stored
 /// message behind a timeout error (and be tempted to submit it again).
+///
+/// A body whose `Content-Length` is over the limit is refused at once, unread: hyper sends
+/// `100 Continue` only when the body is first read, so a client that asked for it
+/// (`Expect: 100-continue`) gets the 413 instead of an invitation to upload, and hyper closes
+/// the connection rather than wait for a body nobody will read.
 pub(super) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.http.max_body_bytes;
-    let read = axum::body::to_bytes(body, limit);
-    match tokio::time::timeout(state.http.request_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
+    if axum::body::HttpBody::size_hint(&body).lower() > limit as u64 {
+        return Err(ApiError::body_too_large(limit));
+    }
+    match tokio::time::timeout(state.http.request_timeout, collect_body(body, limit)).await {
+        Ok(read) => read,
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             "the request body did not arrive in time",
         )),
     }
+}
+
+/// The body's bytes: more than `limit` is `413 body_too_large`, a body hyper cannot decode (a
+/// malformed chunk of a chunked body, or one cut short) `400 malformed_body`.
+async fn collect_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures::StreamExt;
+    let malformed = |error: axum::Error| {
+        // hyper's own words (e.g. "Invalid chunk size line: Invalid Size"), which are constants
+        // and never quote the body, are in the error's sources.
+        let mut why = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            // axum's error shows the same text as the hyper error it wraps.
+            if !why.ends_with(&text) {
+                why = format!("{why}: {text}");
+            }
+            source = cause.source();
+        }
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("the request body cannot be read: {why}"),
+        )
+    };
+    let mut stream = body.into_data_stream();
+    // Most bodies come in one piece: that one is kept as it is, without a copy.
+    let Some(first) = stream.next().await.transpose().map_err(malformed)? else {
+        return Ok(Bytes::new());
+    };
+    if first.len() > limit {
+        return Err(ApiError::body_too_large(limit));
+    }
+    let Some(second) = stream.next().await.transpose().map_err(malformed)? else {
+        return Ok(first);
+    };
+    let mut bytes = Vec::with_capacity(first.len() + second.len());
+    let mut next = Some(second);
+    bytes.extend_from_slice(&first);
+    while let Some(chunk) = next {
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::body_too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+        next = stream.next().await.transpose().map_err(malformed)?;
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// Reads a JSON body into `T`, with the API's error codes.
