@@ -254,7 +254,11 @@ fn main() {
         gateways.push(gw_rt.spawn(smsgw::run(
             config.clone(),
             // No operators' API: the bench measures the message path only.
-            smsgw::Listeners { http, admin: None },
+            smsgw::Listeners {
+                http,
+                admin: None,
+                metrics: None,
+            },
             shutdown.clone(),
         )));
     }

@@ -1,13 +1,16 @@
 //! Operator commands that act on the store directly (`smsgw opt-out ...`,
 //! `smsgw number-change ...`). SQLite takes a second writer beside a running daemon (WAL and a
-//! busy timeout), so these work whether the gateway runs or not.
+//! busy timeout), so these work whether the gateway runs or not. Those that ask the running
+//! daemon (`smsgw status`, ...) go through [`client::AdminClient`].
+
+pub mod client;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::api::auth::Accounts;
 use crate::api::policy::{NumberChangeRequest, number_change_from, parse_import};
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::message::{Category, Msisdn, Pseudonymizer, rfc3339};
 use crate::policy::number_change::ChangeKind;
 use crate::router::{CarrierState, Facts, NoRoute, Plan, RouteTable};
@@ -19,6 +22,15 @@ pub enum AdminError {
         "the admin API at {url} did not answer ({source}); is the gateway running, with [admin] enabled?"
     )]
     Unreachable { url: String, source: reqwest::Error },
+    #[error(
+        "no permission to open the admin API at {0}: run the command as the gateway's user \
+         (sudo -u smsgw smsgw ...) or as root"
+    )]
+    NoPermission(String),
+    #[error("admin.enabled is false: the gateway serves no admin API to ask")]
+    Disabled,
+    #[error("cannot make an HTTP client: {0}")]
+    Client(reqwest::Error),
     #[error("the admin API answered {status}: {body}")]
     Refused { status: u16, body: String },
     #[error("no account named `{0}` in the configuration")]
@@ -34,32 +46,21 @@ pub enum AdminError {
     Store(#[from] StoreError),
 }
 
-/// Calls the running daemon's admin API (`[admin] listen`) and returns its answer, pretty.
-pub async fn call_daemon(config: &Config, post: bool, path: &str) -> Result<String, AdminError> {
-    let url = format!("http://{}{path}", config.admin.listen);
-    let client = reqwest::Client::new();
-    let request = if post {
-        client.post(&url)
+/// Calls the running daemon's admin API (a GET, or a POST without a body) and returns its
+/// answer, pretty. `token` is sent instead of `admin.token` when given.
+pub async fn call_daemon(
+    config: &Config,
+    token: Option<Secret>,
+    post: bool,
+    path: &str,
+) -> Result<String, AdminError> {
+    let client = client::AdminClient::new(config, token)?;
+    let answer = if post {
+        client.post(path).await?
     } else {
-        client.get(&url)
+        client.get(path).await?
     };
-    let response = request
-        .timeout(std::time::Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(|source| AdminError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-    let status = response.status().as_u16();
-    let body = response.text().await.unwrap_or_default();
-    if !(200..300).contains(&status) {
-        return Err(AdminError::Refused { status, body });
-    }
-    let pretty = serde_json::from_str::<serde_json::Value>(&body)
-        .map(|v| format!("{v:#}"))
-        .unwrap_or(body);
-    Ok(format!("{pretty}\n"))
+    Ok(format!("{answer:#}\n"))
 }
 
 /// What routing decides for a message (`smsgw route`): asked of the running gateway, which
@@ -67,6 +68,7 @@ pub async fn call_daemon(config: &Config, post: bool, path: &str) -> Result<Stri
 /// not answer.
 pub async fn route(
     config: &Config,
+    token: Option<Secret>,
     to: &str,
     sender: Option<&str>,
     account: Option<&str>,
@@ -93,25 +95,32 @@ pub async fn route(
         account.unwrap_or("-"),
         category.as_str()
     );
-    let (plan, source) = match call_daemon(config, false, &path).await {
-        Ok(answer) => {
-            let plan: Plan = serde_json::from_str(&answer)
+    let asked = match client::AdminClient::new(config, token) {
+        Ok(client) => client
+            .get(&path)
+            .await
+            .map(|answer| (answer, client.endpoint().to_owned())),
+        Err(e) => Err(e),
+    };
+    let (plan, source) = match asked {
+        Ok((answer, endpoint)) => {
+            let plan: Plan = serde_json::from_value(answer)
                 .map_err(|e| AdminError::Invalid(format!("unexpected answer: {e}")))?;
-            (
-                plan,
-                format!("the running gateway at {}", config.admin.listen),
-            )
+            (plan, format!("the running gateway at {endpoint}"))
         }
         Err(AdminError::Refused { status: 404, .. }) => {
             return Err(AdminError::Invalid(format!("{heading}{NoRoute}")));
         }
-        Err(AdminError::Unreachable { url, .. }) => {
+        Err(unanswered @ (AdminError::Unreachable { .. } | AdminError::Disabled)) => {
             let table = RouteTable::from_config(config);
             let plan = table
                 .preview(&facts, |_| CarrierState::Unknown)
                 .map_err(|e| AdminError::Invalid(format!("{heading}{e}")))?;
-            let source = format!("the configuration only (no gateway answered at {url})");
-            (plan, source)
+            let why = match unanswered {
+                AdminError::Unreachable { url, .. } => format!("no gateway answered at {url}"),
+                _ => "admin.enabled is false".to_owned(),
+            };
+            (plan, format!("the configuration only ({why})"))
         }
         Err(e) => return Err(e),
     };

@@ -24,6 +24,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub retention: RetentionConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub logging: LoggingConfig,
     pub accounts: Vec<AccountConfig>,
     pub carriers: Vec<CarrierConfig>,
@@ -253,23 +254,77 @@ impl Default for RetentionConfig {
     }
 }
 
-/// The operators' API (status, queue, carriers), on its own listener.
+/// The operators' API (status, queue, carriers), on its own listener: a Unix socket by default,
+/// whose file mode decides who may use it, or TCP with a bearer token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Where the admin API listens; loopback only by default.
-    pub listen: SocketAddr,
     /// Whether to serve it at all.
     pub enabled: bool,
+    /// The Unix socket (mode 0600); None: `admin.sock` in the directory of `store.path`, the
+    /// gateway's state directory.
+    pub socket: Option<PathBuf>,
+    /// TCP instead of the socket (needs `token`): for an operator on another host.
+    pub listen: Option<SocketAddr>,
+    /// The bearer token every admin request must carry; required with `listen`.
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             enabled: true,
+            socket: None,
+            listen: None,
+            token: None,
         }
     }
+}
+
+/// Where the admin API is served, when it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminEndpoint {
+    Socket(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// Longest admin socket path: the system takes 107 bytes, and the socket is made under a
+/// temporary name of up to 12 more bytes beside it (see `api::listener`).
+pub const MAX_SOCKET_PATH: usize = 95;
+
+impl Config {
+    /// Where the admin API listens (None when disabled): `admin.listen`, else `admin.socket`,
+    /// else `admin.sock` beside the SQLite store.
+    pub fn admin_endpoint(&self) -> Option<AdminEndpoint> {
+        let admin = &self.admin;
+        if !admin.enabled {
+            return None;
+        }
+        Some(match (admin.listen, &admin.socket) {
+            (Some(address), _) => AdminEndpoint::Tcp(address),
+            (None, Some(path)) => AdminEndpoint::Socket(path.clone()),
+            (None, None) => AdminEndpoint::Socket(
+                self.store
+                    .path
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join("admin.sock"),
+            ),
+        })
+    }
+}
+
+/// Prometheus's listener: `GET /metrics` only, apart from the API (whose clients, the
+/// accounts, must not read each other's counters) and from the admin API (whose token may
+/// change things; a scraper only reads).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served; None: nowhere.
+    pub listen: Option<SocketAddr>,
+    /// A bearer token Prometheus must send (`authorization: {credentials: ...}`); required
+    /// when `listen` is not loopback.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -738,6 +793,74 @@ pub enum ConfigError {
     },
 }
 
+/// A TOML error for people, without the source text: toml's own message quotes the faulty line,
+/// and that line may hold a secret (`password = "hunter2` unterminated). This gives the line,
+/// the column, the key where known, and the parser's message; on a line that may hold a secret
+/// (it names a password, secret, pseudonym key or URL, or the error has no position) the values
+/// the message quotes (serde's "invalid type: integer `123`") are left out as well.
+pub fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let mut bare = error.clone();
+    bare.set_input(None);
+    // Without the input, toml writes the message, then "in `key.path`" when it knows the key.
+    let shown = bare.to_string();
+    let key = shown
+        .trim_end()
+        .rsplit_once("\nin `")
+        .and_then(|(_, key)| key.strip_suffix('`'))
+        .map(|key| format!(" (key `{key}`)"))
+        .unwrap_or_default();
+    let at = error.span().map(|span| {
+        let mut start = span.start.min(text.len());
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let before = &text[..start];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = before.matches('\n').count() + 1;
+        let column = before[line_start..].chars().count() + 1;
+        let line_end = text[line_start..]
+            .find('\n')
+            .map_or(text.len(), |i| line_start + i);
+        (line, column, &text[line_start..line_end])
+    });
+    // The keys that hold secrets (`Secret` values), and URLs, which may carry credentials
+    // (`store.url`) or tokens. API keys are configured as hashes: not secret.
+    let secret_words = ["password", "secret", "pseudonym_key", "url"];
+    let sensitive = at.is_none_or(|(_, _, line)| {
+        let line = line.to_ascii_lowercase();
+        secret_words.iter().any(|word| line.contains(word))
+    });
+    let message = if sensitive {
+        without_quotes(error.message())
+    } else {
+        error.message().to_owned()
+    };
+    match at {
+        Some((line, column, _)) => {
+            format!("TOML error at line {line}, column {column}{key}: {message}")
+        }
+        None => format!("TOML error{key}: {message}"),
+    }
+}
+
+/// `text` with every `...` and "..." span replaced by `…`.
+fn without_quotes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quote = None;
+    for c in text.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '`' || c == '"' => {
+                quote = Some(c);
+                out.push('…');
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -752,7 +875,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: toml_error(text, &e),
         })?;
         config.store.path_given = text
             .parse::<toml::Table>()
@@ -910,8 +1033,64 @@ impl Config {
         self.validate_accounts(&mut problems);
         self.validate_carriers(&mut problems);
         self.validate_routes(&mut problems);
+        self.validate_operators(&mut problems);
         problems.extend(self.amqp.validate(&self.accounts));
         problems
+    }
+
+    /// The admin and metrics listeners: who can reach them decides whether a token is needed.
+    fn validate_operators(&self, problems: &mut Vec<String>) {
+        let admin = &self.admin;
+        if admin.listen.is_some() && admin.socket.is_some() {
+            problems.push(
+                "admin.listen: give either admin.socket (a Unix socket) or admin.listen (TCP), \
+                 not both"
+                    .into(),
+            );
+        }
+        // Any TCP listener, loopback too: every local user, a browser on this host and the
+        // gateway's own webhook requests reach loopback; only the socket has file permissions.
+        if admin.enabled && admin.listen.is_some() && admin.token.is_none() {
+            problems.push(
+                "admin.listen: a TCP admin listener (loopback included) needs admin.token, a \
+                 random secret of at least 16 characters; or remove admin.listen to use the Unix \
+                 socket"
+                    .into(),
+            );
+        }
+        if let Some(AdminEndpoint::Socket(path)) = self.admin_endpoint()
+            && path.as_os_str().len() > MAX_SOCKET_PATH
+        {
+            problems.push(format!(
+                "admin.socket: `{}` is longer than {MAX_SOCKET_PATH} bytes, too long for a Unix \
+                 socket{}",
+                path.display(),
+                if admin.socket.is_none() {
+                    " (by default it is admin.sock beside store.path)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Some(address) = self.metrics.listen
+            && !address.ip().is_loopback()
+            && self.metrics.token.is_none()
+        {
+            problems.push(format!(
+                "metrics.listen: {address} is not loopback: set metrics.token (Prometheus sends \
+                 it as a bearer token), or listen on 127.0.0.1"
+            ));
+        }
+        for (key, token) in [
+            ("admin.token", &admin.token),
+            ("metrics.token", &self.metrics.token),
+        ] {
+            if let Some(token) = token
+                && token.expose().len() < 16
+            {
+                problems.push(format!("{key}: must be at least 16 characters"));
+            }
+        }
     }
 
     fn validate_accounts(&self, problems: &mut Vec<String>) {
@@ -1460,5 +1639,36 @@ mod tests {
             "{MINIMAL}\n[http]\ntls = {{ cert_file = \"{dir}/cert.pem\", key_file = \"{dir}/key.pem\" }}\n"
         );
         assert!(parse(&text).unwrap().http.tls.is_some());
+    }
+
+    #[test]
+    fn a_toml_error_names_its_line_and_never_shows_a_secret() {
+        let cases = [
+            // Unterminated: toml's own message would print the line.
+            (
+                "[[carriers]]\nname = \"x\"\npassword = \"hunter2\n",
+                "hunter2",
+                3,
+            ),
+            // A number where a string goes: serde's message quotes the value.
+            ("[privacy]\npseudonym_key = 987654321\n", "987654321", 2),
+            (
+                "[store]\nurl = [\"postgres://u:hunter3@db/smsgw\"]\n",
+                "hunter3",
+                2,
+            ),
+        ];
+        for (text, secret, line) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(!error.contains(secret), "{error}");
+            assert!(error.contains(&format!("line {line},")), "{error}");
+        }
+        // Elsewhere the message keeps what it quotes: it names the field to fix.
+        let error = parse("[messages]\nmax_segmentz = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`max_segmentz`"), "{error}");
+        assert!(error.contains("line 2, column 1"), "{error}");
+        assert!(!error.contains(" | "), "no source snippet: {error}");
     }
 }

@@ -43,11 +43,35 @@ use crate::smpp::Carrier;
 use crate::store::{Store, StoreError, StoreRules};
 use crate::webhook::WebhookSender;
 
-/// Sockets the daemon serves on, bound by the caller (tests bind port 0).
+/// Sockets the daemon serves on, bound by the caller ([`Listeners::bind`]; tests bind port 0).
 pub struct Listeners {
     pub http: TcpListener,
     /// The operators' API; None when disabled.
-    pub admin: Option<TcpListener>,
+    pub admin: Option<api::listener::AdminListener>,
+    /// Prometheus's `GET /metrics`; None unless `metrics.listen` is set.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what `config` names: `http.listen`, the admin API (`admin.listen`, else the Unix
+    /// socket) and `metrics.listen`.
+    pub async fn bind(config: &Config) -> Result<Listeners, api::listener::BindError> {
+        use api::listener::{AdminListener, bind_tcp};
+        let http = bind_tcp("http.listen", config.http.listen).await?;
+        let admin = match config.admin_endpoint() {
+            Some(endpoint) => Some(AdminListener::bind(&endpoint).await?),
+            None => None,
+        };
+        let metrics = match config.metrics.listen {
+            Some(address) => Some(bind_tcp("metrics.listen", address).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            http,
+            admin,
+            metrics,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +216,6 @@ pub async fn run_with_reloads(
         carriers: router,
         http: Arc::new(config.http.clone()),
         messages: Arc::new(config.messages.clone()),
-        prometheus,
     };
     let intakes = intake::start(&config.amqp, &state, &shutdown);
     let running = config.clone();
@@ -202,9 +225,11 @@ pub async fn run_with_reloads(
             reload::apply(&live, &routed, &running, &new);
         }
     });
+    // The operators' listeners, with the API's connection limits (no TLS: loopback or a
+    // socket; a remote operator goes through a proxy or SSH).
+    let mut operators = Vec::new();
     if let Some(admin) = listeners.admin {
-        let address = admin.local_addr().map_err(RunError::Http)?;
-        info!(%address, "admin API listening");
+        info!(address = %admin.describe(), "admin API listening");
         let state = api::admin::AdminState {
             store: store.clone(),
             carriers: state.carriers.clone(),
@@ -213,13 +238,43 @@ pub async fn run_with_reloads(
                 config.privacy.pseudonym_key.expose().as_bytes(),
             ),
             unmatched: unmatched.clone(),
+            prometheus: prometheus.clone(),
         };
+        let token = config.admin.token.as_ref();
+        let limits = config.http.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(admin, api::admin::router(state))
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+        operators.push(match admin {
+            api::listener::AdminListener::Tcp(listener) => {
+                let port = listener.local_addr().map_err(RunError::Http)?.port();
+                let guard = api::guard::Guard::tcp(port, token, "admin.token");
+                let app = api::admin::router(state, &guard, limits.max_body_bytes);
+                tokio::spawn(async move {
+                    api::serve::serve("admin", listener, app, &limits, None, stop).await
+                })
+            }
+            api::listener::AdminListener::Socket(socket) => {
+                let guard = api::guard::Guard::socket(token, "admin.token");
+                let app = api::admin::router(state, &guard, limits.max_body_bytes);
+                tokio::spawn(async move {
+                    api::serve::serve("admin", socket, app, &limits, None, stop).await
+                })
+            }
         });
+    }
+    if let Some(listener) = listeners.metrics {
+        let address = listener.local_addr().map_err(RunError::Http)?;
+        info!(%address, "metrics listening");
+        let guard = api::guard::Guard::tcp(
+            address.port(),
+            config.metrics.token.as_ref(),
+            "metrics.token",
+        );
+        let app = api::admin::metrics_router(prometheus.clone(), &guard);
+        let limits = config.http.clone();
+        let stop = shutdown.clone();
+        operators.push(tokio::spawn(async move {
+            api::serve::serve("metrics", listener, app, &limits, None, stop).await
+        }));
     }
     let address = listeners.http.local_addr().map_err(RunError::Http)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -239,6 +294,7 @@ pub async fn run_with_reloads(
     systemd::ready(&format!("HTTP API on {address}"));
     let http = state.http.clone();
     api::serve::serve(
+        "api",
         listeners.http,
         api::router(state),
         &http,
@@ -246,6 +302,10 @@ pub async fn run_with_reloads(
         shutdown.clone(),
     )
     .await;
+    // They stop on the same signal; the admin socket's file goes with its listener.
+    for listener in operators {
+        let _ = listener.await;
+    }
 
     systemd::stopping();
     info!("shutting down: draining binds");

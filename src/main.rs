@@ -373,34 +373,36 @@ fn run(path: &Path) -> anyhow::Result<()> {
     init_logging(&config.logging);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let http = TcpListener::bind(config.http.listen)
-            .await
-            .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
-        let admin = match config.admin.enabled {
-            true => Some(
-                TcpListener::bind(config.admin.listen)
-                    .await
-                    .with_context(|| {
-                        format!("admin.listen: cannot listen on {}", config.admin.listen)
-                    })?,
-            ),
-            false => None,
-        };
+        // Bound before anything starts, so that a port in use or a live admin socket stops
+        // start-up with the key to change.
+        let listeners = smsgw::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
         tokio::spawn(reload_on_hangup(path.to_owned(), reloads));
-        let listeners = smsgw::Listeners { http, admin };
         smsgw::run_with_reloads(config, listeners, shutdown, reloaded).await?;
         Ok(())
     })
+}
+
+/// The admin token given in the environment, sent instead of `admin.token`.
+fn admin_token() -> Option<smsgw::config::Secret> {
+    std::env::var("SMSGW_ADMIN_TOKEN")
+        .ok()
+        .filter(|token| !token.is_empty())
+        .map(smsgw::config::Secret)
 }
 
 /// Asks the running daemon's admin API and prints its answer.
 fn daemon(path: &Path, post: bool, route: String) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let answer = runtime.block_on(smsgw::admin::call_daemon(&config, post, &route))?;
+    let answer = runtime.block_on(smsgw::admin::call_daemon(
+        &config,
+        admin_token(),
+        post,
+        &route,
+    ))?;
     print!("{answer}");
     Ok(())
 }
@@ -420,6 +422,7 @@ fn route(
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let answer = runtime.block_on(smsgw::admin::route(
         &config,
+        admin_token(),
         to,
         sender.as_deref(),
         account.as_deref(),
@@ -467,7 +470,14 @@ fn sim(
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+            // The simulator's file holds a bind password too: no source text in the error.
+            toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {}",
+                    path.display(),
+                    smsgw::config::toml_error(&text, &e)
+                )
+            })?
         }
         None => Default::default(),
     };

@@ -136,6 +136,8 @@ pub enum SenderError {
     BadCharacter,
     #[error("an alphanumeric sender needs at least one letter")]
     NoLetter,
+    #[error("a numeric sender needs at least one digit")]
+    NoDigit,
 }
 
 impl Sender {
@@ -146,6 +148,10 @@ impl Sender {
         }
         let digits = s.strip_prefix('+').unwrap_or(s);
         if digits.chars().all(|c| c.is_ascii_digit()) {
+            // A bare `+` is a numeric sender of no digits: the SMS would go out from nobody.
+            if digits.is_empty() {
+                return Err(SenderError::NoDigit);
+            }
             if digits.len() > 15 {
                 return Err(SenderError::TooLongNumeric);
             }
@@ -426,6 +432,8 @@ mod tests {
         );
         assert_eq!(Sender::parse("Hej!"), Err(SenderError::BadCharacter));
         assert_eq!(Sender::parse(" "), Err(SenderError::Empty));
+        assert_eq!(Sender::parse("+"), Err(SenderError::NoDigit));
+        assert_eq!(Sender::parse(" + "), Err(SenderError::NoDigit));
         assert_eq!(Sender::parse("12 34"), Err(SenderError::NoLetter));
     }
 

@@ -286,16 +286,17 @@ pub fn rate_limited(account: &str, limit: &'static str) {
         .increment(1);
 }
 
-/// An API connection closed by the server: `reason` is `too_many_connections` (refused at
-/// accept), `header_timeout` (the header did not arrive in time, e.g. slowloris) or
-/// `tls_handshake` (failed or too slow).
-pub fn http_connection_closed(reason: &'static str) {
-    counter!("smsgw_http_connections_closed_total", "reason" => reason).increment(1);
+/// A connection closed by the server on `listener` (`api`, `admin` or `metrics`): `reason`
+/// is `too_many_connections` (refused at accept), `header_timeout` (the header did not arrive
+/// in time, e.g. slowloris) or `tls_handshake` (failed or too slow).
+pub fn http_connection_closed(listener: &'static str, reason: &'static str) {
+    counter!("smsgw_http_connections_closed_total", "listener" => listener, "reason" => reason)
+        .increment(1);
 }
 
-/// API connections open now.
-pub fn http_connections(open: usize) {
-    gauge!("smsgw_http_connections").set(open as f64);
+/// Connections open now on `listener`.
+pub fn http_connections(listener: &'static str, open: usize) {
+    gauge!("smsgw_http_connections", "listener" => listener).set(open as f64);
 }
 
 #[cfg(test)]

@@ -81,7 +81,14 @@ pub fn apply(live: &Live, router: &Router, running: &Config, new: &Config) {
         ),
         (
             "admin",
-            format!("{:?}", running.admin) != format!("{:?}", new.admin),
+            // Debug hides the token: compared apart.
+            format!("{:?}", running.admin) != format!("{:?}", new.admin)
+                || running.admin.token != new.admin.token,
+        ),
+        (
+            "metrics",
+            format!("{:?}", running.metrics) != format!("{:?}", new.metrics)
+                || running.metrics.token != new.metrics.token,
         ),
         (
             "store",

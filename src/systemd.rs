@@ -524,7 +524,11 @@ mod tests {
             let shutdown = CancellationToken::new();
             let gateway = tokio::spawn(crate::run(
                 config,
-                crate::Listeners { http, admin: None },
+                crate::Listeners {
+                    http,
+                    admin: None,
+                    metrics: None,
+                },
                 shutdown.clone(),
             ));
 

@@ -726,15 +726,7 @@ async fn metrics_expose_the_named_series_after_traffic_and_never_a_number() {
         .wait_status(KEY_A, answer["id"].as_str().unwrap(), "delivered")
         .await;
     gateway.post(KEY_A, &message("0701234567", "bad")).await;
-    let text = gateway
-        .client
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gateway.metrics().await;
     for series in [
         "smsgw_messages_accepted_total{account=\"a\"}",
         "smsgw_messages_rejected_total{account=\"a\",reason=\"invalid_number\"}",

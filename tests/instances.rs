@@ -26,7 +26,8 @@ fn pg_config(db: &TestDb, carrier: SocketAddr, hooks: Option<&str>) -> smsgw::co
         &format!("path = \"{}\"", path.display()),
         &format!("url = \"{}\"", db.url),
     );
-    parse_config(&text)
+    // No store directory to put the admin socket in (these tests do not use it).
+    parse_config(&format!("{text}\n[admin]\nenabled = false\n"))
 }
 
 #[tokio::test]
@@ -182,6 +183,8 @@ fn daemon_config(db: &TestDb, sims: &[SocketAddr]) -> String {
         listen = "127.0.0.1:0"
         [admin]
         enabled = false
+        [metrics]
+        listen = "127.0.0.1:0"
         [store]
         url = "{url}"
         lease = "10s"
@@ -203,7 +206,8 @@ fn daemon_config(db: &TestDb, sims: &[SocketAddr]) -> String {
 }
 
 /// Starts `smsgw run` and returns it with its API address (from its JSON log).
-fn start_daemon(config: &std::path::Path) -> (Child, String) {
+/// The daemon, its API's URL and its metrics listener's.
+fn start_daemon(config: &std::path::Path) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_smsgw"))
         .args(["run", "--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
@@ -219,14 +223,18 @@ fn start_daemon(config: &std::path::Path) -> (Child, String) {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut metrics = String::new();
     while Instant::now() < deadline {
         let Ok(line) = logs.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
         let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        let address = event["fields"]["address"].as_str().unwrap_or_default();
+        if event["fields"]["message"] == "metrics listening" {
+            metrics = format!("http://{address}");
+        }
         if event["fields"]["message"] == "HTTP API listening" {
-            let address = event["fields"]["address"].as_str().unwrap().to_owned();
-            return (child, format!("http://{address}"));
+            return (child, format!("http://{address}"), metrics);
         }
     }
     let _ = child.kill();
@@ -274,7 +282,7 @@ async fn binds_up(url: &str, carrier: &str) -> Option<u64> {
     answer["carriers"][carrier]["binds_up"].as_u64()
 }
 
-/// The submit_sm a daemon had accepted by `carrier`, from its /metrics.
+/// The submit_sm a daemon had accepted by `carrier`, from its metrics listener.
 async fn accepted_submits(url: &str, carrier: &str) -> f64 {
     let Ok(response) = reqwest::get(format!("{url}/metrics")).await else {
         return 0.0;
@@ -327,7 +335,7 @@ async fn two_daemons_spread_a_carriers_two_binds_and_both_send() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("smsgw.toml");
     std::fs::write(&config, text).unwrap();
-    let (mut first, first_url) = start_daemon(&config);
+    let (mut first, first_url, first_metrics) = start_daemon(&config);
     eventually(
         Duration::from_secs(30),
         "the instance alone to hold both binds",
@@ -337,7 +345,7 @@ async fn two_daemons_spread_a_carriers_two_binds_and_both_send() {
     let backlog = 2_000;
     let mut ids = submit_range(&first_url, 0..backlog).await;
 
-    let (mut second, second_url) = start_daemon(&config);
+    let (mut second, second_url, second_metrics) = start_daemon(&config);
     eventually(
         Duration::from_secs(60),
         "each instance to hold one bind",
@@ -360,8 +368,8 @@ async fn two_daemons_spread_a_carriers_two_binds_and_both_send() {
         ids.extend(a);
         ids.extend(b);
         total += 200;
-        let one = accepted_submits(&first_url, "sim0").await;
-        let two = accepted_submits(&second_url, "sim0").await;
+        let one = accepted_submits(&first_metrics, "sim0").await;
+        let two = accepted_submits(&second_metrics, "sim0").await;
         if one > 0.0 && two > 0.0 {
             break;
         }
@@ -419,8 +427,8 @@ async fn two_daemons_share_the_queue_and_a_killed_ones_messages_are_sent_by_the_
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("smsgw.toml");
     std::fs::write(&config, daemon_config(&db, &addresses)).unwrap();
-    let (mut doomed, doomed_url) = start_daemon(&config);
-    let (mut survivor, survivor_url) = start_daemon(&config);
+    let (mut doomed, doomed_url, _) = start_daemon(&config);
+    let (mut survivor, survivor_url, _) = start_daemon(&config);
 
     let half = total / 2;
     let (mut ids, second) = tokio::join!(

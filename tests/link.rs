@@ -66,15 +66,7 @@ fn carrier_config(db: &Path, sim: &SimHandle, name: &str, extra: &str) -> smsgw:
 }
 
 async fn metrics_text(gateway: &Gateway) -> String {
-    gateway
-        .client
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    gateway.metrics().await
 }
 
 /// The value of one series in the Prometheus text, e.g. `smsgw_link_rate_effective{carrier="x"}`.

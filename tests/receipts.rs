@@ -123,7 +123,7 @@ async fn unconfigured_the_quirk_leaves_receipts_unmatched_and_listed_without_num
         setup(hex_responses_decimal_receipts(), "unmatched_after = \"1s\"").await;
     let id = send(&gateway, "nobody will match this").await;
     let admin = |path: String| {
-        let client = gateway.client.clone();
+        let client = gateway.admin_client.clone();
         async move {
             let r = client.get(path).send().await.unwrap();
             let status = r.status().as_u16();
@@ -165,11 +165,9 @@ async fn unconfigured_the_quirk_leaves_receipts_unmatched_and_listed_without_num
     .await;
     assert_eq!(status, 404);
 
-    // The command asks the running gateway's admin API.
-    let admin_address = gateway.admin_url.trim_start_matches("http://");
+    // The command asks the running gateway's admin API, on its socket beside the store.
     let config = dir.path().join("smsgw.toml");
-    let text = config_text(&gateway.db, sim.address(), None)
-        + &format!("\n[admin]\nlisten = \"{admin_address}\"\n");
+    let text = config_text(&gateway.db, sim.address(), None);
     std::fs::write(&config, text).unwrap();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_smsgw"))

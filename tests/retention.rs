@@ -142,3 +142,74 @@ async fn purge_removes_bodies_past_the_retention_and_keeps_the_rest() {
     let again = purge(&config, true);
     assert!(again.contains("would remove: 0 message bodies"), "{again}");
 }
+
+/// The files among the database and its WAL and shared-memory files that hold `trace`.
+fn on_disk(db: &std::path::Path, trace: &str) -> Vec<String> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| format!("{}{suffix}", db.display()))
+        .filter(|path| {
+            std::fs::read(path)
+                .is_ok_and(|bytes| bytes.windows(trace.len()).any(|w| w == trace.as_bytes()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn purged_texts_and_numbers_are_gone_from_the_bytes_of_the_database_files() {
+    const OLD_NUMBER: &str = "+46709753186";
+    const OLD_TEXT: &str = "Okapi-4411 your parcel is here";
+    let (dir, db) = temp_db();
+    let config = dir.path().join("smsgw.toml");
+    std::fs::write(
+        &config,
+        config_text(&db, "127.0.0.1:9".parse().unwrap(), None),
+    )
+    .unwrap();
+    let now = now_ms();
+    let rules = StoreRules {
+        pseudonyms: Pseudonymizer::new(b"test"),
+        suspect_after: 0,
+        suspect_codes: vec![],
+    };
+    let store = SqliteStore::open(&db, 16, rules).await.unwrap();
+    // Old messages to the number among recent ones to others, sharing their pages.
+    let mut messages = Vec::new();
+    for i in 0..400 {
+        let old = i % 100 == 7;
+        let created_at = if old { now - 40 * DAY_MS - i } else { now - i };
+        let mut m = stored(
+            MessageId::first_at(created_at),
+            Status::Delivered,
+            created_at,
+        );
+        if old {
+            (m.recipient, m.body) = (OLD_NUMBER.into(), OLD_TEXT.into());
+        } else {
+            (m.recipient, m.body) = (format!("+467030{i:05}"), format!("recent text {i}"));
+        }
+        messages.push(m);
+    }
+    let render = Arc::new(|_: &[NewMessage]| (202, String::new()));
+    let result = store
+        .submit("a", AccountPolicy::default(), messages, None, render)
+        .await
+        .unwrap();
+    assert!(matches!(result, SubmitResult::Stored { .. }));
+    store.close().await;
+    let traces = [OLD_NUMBER, &OLD_NUMBER[1..], "Okapi-4411"];
+    for trace in traces {
+        assert!(!on_disk(&db, trace).is_empty(), "{trace} is on disk before");
+    }
+
+    let done = purge(&config, false);
+    assert!(done.contains("removed: 4 message bodies"), "{done}");
+    for trace in traces {
+        let files = on_disk(&db, trace);
+        assert!(files.is_empty(), "{trace} left in {files:?}");
+    }
+    assert!(
+        !on_disk(&db, "recent text 399").is_empty(),
+        "the rest stays"
+    );
+}

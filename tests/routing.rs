@@ -32,7 +32,7 @@ fn two_carriers(
 
 async fn admin(gateway: &Gateway, path: &str) -> Value {
     let r = gateway
-        .client
+        .admin_client
         .get(format!("{}{path}", gateway.admin_url))
         .send()
         .await
@@ -168,7 +168,7 @@ async fn a_refusal_listed_in_failover_on_sends_the_message_to_the_next_carrier()
     );
     assert!(sim.handle.throttled_count() >= 1);
     assert!(destinations(&sim).is_empty());
-    let metrics = gateway.get_text(KEY_A, "/metrics").await.1;
+    let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("smsgw_failovers_total{from=\"sim\",to=\"spare\"}"),
         "{metrics}"
@@ -298,7 +298,7 @@ async fn validity_goes_to_carriers_that_want_it_and_ends_at_the_gateway() {
 
     // With its only carrier paused, a message ends `expired` when its validity does.
     let paused = gateway
-        .client
+        .admin_client
         .post(format!("{}/admin/carriers/spare/pause", gateway.admin_url))
         .send()
         .await
@@ -403,17 +403,14 @@ async fn smsgw_route_prints_the_decision_with_the_running_carriers_state() {
     })
     .await;
 
-    let admin_address = gateway.admin_url.trim_start_matches("http://").to_owned();
+    // The running gateway's admin socket is beside its store; nothing serves `nobody.sock`.
     let running = dir.path().join("running.toml");
-    std::fs::write(
-        &running,
-        format!("{text}\n[admin]\nlisten = \"{admin_address}\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&running, &text).unwrap();
     let offline = dir.path().join("offline.toml");
+    let nobody = dir.path().join("nobody.sock");
     std::fs::write(
         &offline,
-        format!("{text}\n[admin]\nlisten = \"127.0.0.1:9\"\n"),
+        format!("{text}\n[admin]\nsocket = \"{}\"\n", nobody.display()),
     )
     .unwrap();
 

@@ -179,13 +179,7 @@ async fn an_account_or_a_key_over_its_rate_gets_429_rate_limited_with_retry_afte
     let (status, _, _) = call(gateway.client.get(&url), "fast-key").await;
     assert_eq!(status, 200);
 
-    let metrics = gateway
-        .client
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .unwrap();
-    let metrics = metrics.text().await.unwrap();
+    let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("smsgw_http_rate_limited_total{account=\"limited\",limit=\"account\"}"),
         "{metrics}"
@@ -323,15 +317,11 @@ async fn slow_clients_are_disconnected_and_the_connection_limit_keeps_the_gatewa
     // And the gateway serves again.
     let (status, _) = gateway.get(KEY_A, "/v1/messages").await;
     assert_eq!(status, 200);
-    let metrics = gateway
-        .client
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .unwrap();
-    let metrics = metrics.text().await.unwrap();
+    let metrics = gateway.metrics().await;
     assert!(
-        metrics.contains("smsgw_http_connections_closed_total{reason=\"header_timeout\"}"),
+        metrics.contains(
+            "smsgw_http_connections_closed_total{listener=\"api\",reason=\"header_timeout\"}"
+        ),
         "{metrics}"
     );
     gateway.stop().await;
@@ -547,7 +537,7 @@ async fn an_account_never_reads_or_changes_another_accounts_data_on_any_route() 
         b.assert_absent(&path, &body.to_string());
     }
     cover("GET", "/v1/subjects/{number}/export");
-    for path in ["/v1/openapi.json", "/metrics", "/healthz", "/readyz"] {
+    for path in ["/v1/openapi.json", "/healthz", "/readyz"] {
         let (status, text) = gateway.get_text(KEY_A, path).await;
         assert_eq!(status, 200, "{path}");
         b.assert_absent(path, &text);
@@ -793,4 +783,197 @@ async fn the_daemon_logs_no_number_text_key_or_secret_even_at_debug_level() {
     }
     // The national form of the number neither.
     assert!(!log.contains("701234567"), "the number is in the log");
+}
+
+/// The JSON body of a raw HTTP answer (after the blank line).
+fn answer_json(answer: &str) -> Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_by_its_content_length_is_answered_413_at_once_without_100_continue()
+{
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+
+    for expect in ["expect: 100-continue\r\n", ""] {
+        let request = format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+             content-type: application/json\r\ncontent-length: 2147483648\r\n{expect}\r\n"
+        );
+        let started = std::time::Instant::now();
+        // Nothing of the body is sent: the answer must come from the header alone, and the
+        // connection must close (raw_exchange reads until it does).
+        let answer = raw_exchange(&gateway, request.as_bytes()).await;
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{expect}: {answer}");
+        assert!(!answer.contains("100 Continue"), "{expect}: {answer}");
+        assert_eq!(answer_json(&answer)["error"]["code"], "body_too_large");
+        assert!(
+            took < Duration::from_secs(2),
+            "{expect}: answered after {took:?}"
+        );
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_answered_400_malformed_body() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let limit = "[http]\nmax_body_bytes = 100000\n";
+    let gateway = Gateway::start(config_with(&db, &sim, limit)).await;
+    let post = |body: &str| {
+        format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\
+             connection: close\r\n\r\n{body}"
+        )
+    };
+    let json = r#"{"to":"+46701234567","from":"iP1","text":"chunked"}"#;
+
+    // A chunk size that is not hexadecimal.
+    let answer = raw_exchange(&gateway, post("zz\r\n{}\r\n0\r\n\r\n").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let error = answer_json(&answer);
+    assert_eq!(error["error"]["code"], "malformed_body", "{answer}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("chunk")),
+        "{answer}"
+    );
+
+    // The same body well chunked is taken, in one chunk or in two.
+    let one = format!("{:x}\r\n{json}\r\n0\r\n\r\n", json.len());
+    let answer = raw_exchange(&gateway, post(&one).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let (head, tail) = json.split_at(10);
+    let two = format!(
+        "{:x}\r\n{head}\r\n{:x}\r\n{tail}\r\n0\r\n\r\n",
+        head.len(),
+        tail.len()
+    );
+    let answer = raw_exchange(&gateway, post(&two).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+
+    // Chunks over the body limit, however well formed, are still 413.
+    let big = "a".repeat(70_000);
+    let over = format!(
+        "{:x}\r\n{big}\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len(),
+        big.len()
+    );
+    let answer = raw_exchange(&gateway, post(&over).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_with_two_authorization_headers_is_refused_400_duplicate_authorization() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+    let (status, body) = gateway.post(KEY_B, &message("+46701234567", "Hej")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+
+    // Whichever key comes first, and even the same key twice: one header, or no answer.
+    for (first, second) in [
+        (KEY_A, KEY_B),
+        (KEY_B, KEY_A),
+        (KEY_B, KEY_B),
+        (KEY_B, "unknown"),
+    ] {
+        let request = format!(
+            "GET /v1/messages/{id} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {first}\r\n\
+             authorization: Bearer {second}\r\nconnection: close\r\n\r\n"
+        );
+        let answer = raw_exchange(&gateway, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{first}, {second}: {answer}"
+        );
+        assert_eq!(
+            answer_json(&answer)["error"]["code"],
+            "duplicate_authorization",
+            "{answer}"
+        );
+        assert!(!answer.contains("+46701234567"), "{answer}");
+    }
+    // With one header, the same request is answered.
+    let (status, _) = gateway.get(KEY_B, &format!("/v1/messages/{id}")).await;
+    assert_eq!(status, 200);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_sender_that_is_empty_once_normalised_is_refused_422_invalid_sender() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+
+    // Account b has no `senders` list: any valid sender goes, and these are not valid.
+    for from in ["+", " + ", ""] {
+        let (status, body) = gateway
+            .post(
+                KEY_B,
+                &json!({"to": "+46701234567", "from": from, "text": "Hej"}),
+            )
+            .await;
+        assert_eq!(status, 422, "{from:?}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_sender", "{body}");
+        assert_eq!(body["error"]["field"], "from", "{body}");
+    }
+    let (_, list) = gateway.get(KEY_B, "/v1/messages").await;
+    assert_eq!(list["messages"], json!([]), "nothing was stored: {list}");
+    assert_eq!(sim.handle.submitted_count(), 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_opt_out_cursor_is_refused_422_invalid_cursor_not_read_as_the_first_page() {
+    let sim = Sim::start(sim_config()).await;
+    let (_dir, db) = temp_db();
+    let gateway = Gateway::start(config_with(&db, &sim, "")).await;
+    for number in ["+46701110001", "+46701110002", "+46701110003"] {
+        let (status, body) = gateway
+            .post_json(KEY_A, "/v1/opt-outs", &json!({"number": number}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, first) = gateway.get(KEY_A, "/v1/opt-outs?limit=2").await;
+    assert_eq!(status, 200, "{first}");
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (status, second) = gateway
+        .get(KEY_A, &format!("/v1/opt-outs?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["opt_outs"].as_array().unwrap().len(), 1, "{second}");
+    assert!(second["next_cursor"].is_null(), "{second}");
+
+    let (key, _) = cursor.split_once(':').unwrap();
+    for bad in [
+        "garbage".to_owned(),
+        key.to_owned(),
+        format!("{}:", &key[..63]),
+        format!("{}:", key.to_uppercase()),
+        format!("{key}:Hej!"),
+        format!("{key}:%2B"),
+    ] {
+        let (status, body) = gateway
+            .get(KEY_A, &format!("/v1/opt-outs?limit=2&cursor={bad}"))
+            .await;
+        assert_eq!(status, 422, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_cursor", "{body}");
+        assert_eq!(body["error"]["field"], "cursor", "{body}");
+    }
+    // A cursor with a sender, as a sender's opt-out writes it, pages on.
+    let (status, body) = gateway
+        .get(KEY_A, &format!("/v1/opt-outs?limit=2&cursor={key}:iP1"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gateway.stop().await;
 }

@@ -1,10 +1,11 @@
-//! The operators' API, on its own listener (loopback by default): gateway status, the queue
-//! across accounts, and pausing carriers. `smsgw status|queue|carriers` talk to it.
+//! The operators' API, on its own listener (a Unix socket by default, or TCP with a token; see
+//! `guard` for what it refuses): gateway status, the queue across accounts, pausing carriers,
+//! and the metrics. `smsgw status|queue|carriers|receipts|route` talk to it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
+use super::guard::Guard;
 use crate::config::MessagesConfig;
 use crate::message::{Category, MessageId, Msisdn, Pseudonymizer, Status, now_ms, rfc3339};
 use crate::router::{Facts, Router as CarrierRouter};
@@ -26,10 +28,13 @@ pub struct AdminState {
     pub pseudonyms: Pseudonymizer,
     /// Receipts that matched no message (numbers already pseudonymised).
     pub unmatched: Arc<crate::receipt::unmatched::UnmatchedLog>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
-pub fn router(state: AdminState) -> Router {
-    Router::new()
+/// The admin API behind `guard`; a body (none of today's routes takes one) is at most
+/// `max_body_bytes`, as on the API.
+pub fn router(state: AdminState, guard: &Guard, max_body_bytes: usize) -> Router {
+    let routes = Router::new()
         .route("/admin/status", get(status))
         .route("/admin/queue", get(queue))
         .route("/admin/queue/{id}/retry", post(retry))
@@ -38,7 +43,35 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/carriers/{name}/pause", post(pause))
         .route("/admin/carriers/{name}/resume", post(resume))
         .route("/admin/receipts/unmatched", get(unmatched_receipts))
-        .with_state(state)
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state);
+    guard.protect(routes)
+}
+
+/// Prometheus's own listener (`metrics.listen`): `GET /metrics` and nothing else, behind
+/// `guard`.
+pub fn metrics_router(
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    guard: &Guard,
+) -> Router {
+    let routes = Router::new()
+        .route(
+            "/metrics",
+            get(
+                |State(handle): State<metrics_exporter_prometheus::PrometheusHandle>| async move {
+                    handle.render()
+                },
+            ),
+        )
+        .with_state(prometheus);
+    guard.protect(routes)
+}
+
+/// The gateway's metrics in the Prometheus text format, also here for an operator on the
+/// socket (`curl --unix-socket`).
+async fn metrics(State(state): State<AdminState>) -> String {
+    state.prometheus.render()
 }
 
 async fn status(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {

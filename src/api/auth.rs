@@ -151,6 +151,9 @@ impl Accounts {
     /// hash is compared, so the time taken does not tell which account or how many bytes
     /// matched.
     pub fn authenticate_bearer(&self, headers: &HeaderMap) -> Option<(Arc<Account>, Arc<ApiKey>)> {
+        if several_authorizations(headers) {
+            return None;
+        }
         let value = headers
             .get(axum::http::header::AUTHORIZATION)?
             .to_str()
@@ -179,6 +182,17 @@ impl Accounts {
         }
         found
     }
+}
+
+/// Whether a request carries more than one `Authorization` header. A request has one (RFC 9110
+/// §11.6.2); with two, whichever one a proxy checks, the gateway might take the other, so such
+/// a request is refused rather than read by its first header.
+pub fn several_authorizations(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
 }
 
 /// Validated at start-up (config), so a bad value here is simply absent.
@@ -276,6 +290,12 @@ mod tests {
         assert_eq!(account_of(&bearer("key-c")), None);
         assert_eq!(account_of(&bearer("")), None);
         assert_eq!(account_of(&HeaderMap::new()), None);
+        let mut two = bearer("key-a");
+        two.append(
+            axum::http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer key-b2"),
+        );
+        assert_eq!(account_of(&two), None, "two keys: neither is taken");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod limits;
+pub mod listener;
 mod messages;
 pub mod openapi;
 pub mod policy;
@@ -46,7 +48,6 @@ pub struct AppState {
     pub carriers: Arc<CarrierRouter>,
     pub http: Arc<HttpConfig>,
     pub messages: Arc<MessagesConfig>,
-    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// One route of the API: its method, its path (axum's `{param}` syntax is OpenAPI's too), the
@@ -104,7 +105,6 @@ pub const ROUTES: &[Route] = &[
     Route::new("GET", "/v1/openapi.json", PUBLIC, |m| {
         on(m, openapi::document)
     }),
-    Route::new("GET", "/metrics", PUBLIC, |m| on(m, prometheus)),
     Route::new("GET", "/healthz", PUBLIC, |m| on(m, healthz)),
     Route::new("GET", "/readyz", PUBLIC, |m| on(m, readyz)),
 ];
@@ -113,7 +113,8 @@ const SUBMIT: Option<Scope> = Some(Scope::Submit);
 const READ: Option<Scope> = Some(Scope::Read);
 const POLICY: Option<Scope> = Some(Scope::Policy);
 const SUBJECTS: Option<Scope> = Some(Scope::Subjects);
-/// No API key: health, readiness, metrics and the OpenAPI document.
+/// No API key: health, readiness and the OpenAPI document. (The metrics are not here: the
+/// accounts, the API's clients, must not read each other's counters; see `metrics.listen`.)
 const PUBLIC: Option<Scope> = None;
 
 impl Route {
@@ -169,12 +170,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// In front of every route that needs a key: the key must be known (401) and have the route's
+/// In front of every route that needs a key: the request must have one `Authorization` header
+/// (400 `duplicate_authorization`), its key must be known (401) and have the route's
 /// scope (403 `insufficient_scope`), and the request must fit the key's and the account's rate
 /// limits (429 `rate_limited`, with `Retry-After`). The handler gets the account the guard
 /// found, as [`Authenticated`]: the key is looked up once, in one version of the live
 /// configuration.
 async fn guard(scope: Scope, state: AppState, mut request: Request, next: Next) -> Response {
+    if auth::several_authorizations(request.headers()) {
+        // RFC 6750 §3.1: more than one way of presenting a token is an `invalid_request`, 400.
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate_authorization",
+            "the request has more than one Authorization header; send exactly one",
+        )
+        .into_response();
+    }
     let Some((account, key)) = state
         .live
         .load()
@@ -306,18 +317,71 @@ pub(super) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Api
 /// Reads the body within the size limit and the request timeout. The timeout covers only the
 /// upload: once the body is in, the request is answered, so a slow client cannot leave a stored
 /// message behind a timeout error (and be tempted to submit it again).
+///
+/// A body whose `Content-Length` is over the limit is refused at once, unread: hyper sends
+/// `100 Continue` only when the body is first read, so a client that asked for it
+/// (`Expect: 100-continue`) gets the 413 instead of an invitation to upload, and hyper closes
+/// the connection rather than wait for a body nobody will read.
 pub(super) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.http.max_body_bytes;
-    let read = axum::body::to_bytes(body, limit);
-    match tokio::time::timeout(state.http.request_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
+    if axum::body::HttpBody::size_hint(&body).lower() > limit as u64 {
+        return Err(ApiError::body_too_large(limit));
+    }
+    match tokio::time::timeout(state.http.request_timeout, collect_body(body, limit)).await {
+        Ok(read) => read,
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             "the request body did not arrive in time",
         )),
     }
+}
+
+/// The body's bytes: more than `limit` is `413 body_too_large`, a body hyper cannot decode (a
+/// malformed chunk of a chunked body, or one cut short) `400 malformed_body`.
+async fn collect_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures::StreamExt;
+    let malformed = |error: axum::Error| {
+        // hyper's own words (e.g. "Invalid chunk size line: Invalid Size"), which are constants
+        // and never quote the body, are in the error's sources.
+        let mut why = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            // axum's error shows the same text as the hyper error it wraps.
+            if !why.ends_with(&text) {
+                why = format!("{why}: {text}");
+            }
+            source = cause.source();
+        }
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("the request body cannot be read: {why}"),
+        )
+    };
+    let mut stream = body.into_data_stream();
+    // Most bodies come in one piece: that one is kept as it is, without a copy.
+    let Some(first) = stream.next().await.transpose().map_err(malformed)? else {
+        return Ok(Bytes::new());
+    };
+    if first.len() > limit {
+        return Err(ApiError::body_too_large(limit));
+    }
+    let Some(second) = stream.next().await.transpose().map_err(malformed)? else {
+        return Ok(first);
+    };
+    let mut bytes = Vec::with_capacity(first.len() + second.len());
+    let mut next = Some(second);
+    bytes.extend_from_slice(&first);
+    while let Some(chunk) = next {
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::body_too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+        next = stream.next().await.transpose().map_err(malformed)?;
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// Reads a JSON body into `T`, with the API's error codes.
@@ -327,20 +391,6 @@ pub(super) async fn json_body<T: DeserializeOwned>(
 ) -> Result<T, ApiError> {
     let bytes: Bytes = read_body(state, body).await?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::from_json(&e))
-}
-
-/// Prometheus text format. Unauthenticated like the health checks: keep the API listener on
-/// loopback (the default) or behind a proxy that restricts `/metrics`.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    operation_id = "metrics",
-    responses((status = 200, description = "The gateway's metrics in the Prometheus text format",
-        body = String, content_type = "text/plain")),
-)]
-async fn prometheus(State(state): State<AppState>) -> String {
-    state.prometheus.render()
 }
 
 /// The process is alive.

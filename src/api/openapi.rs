@@ -48,7 +48,6 @@ use super::{ROUTES, messages, policy};
         policy::clear_suspect,
         policy::erase_subject,
         policy::export_subject,
-        super::prometheus,
         super::healthz,
         super::readyz,
         document,
@@ -57,7 +56,7 @@ use super::{ROUTES, messages, policy};
     tags(
         (name = "messages", description = "Submit, read, list and cancel messages"),
         (name = "policy", description = "Opt-outs, number changes and data subjects"),
-        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "operations", description = "Health, readiness and this document"),
     ),
 )]
 pub struct ApiDoc;

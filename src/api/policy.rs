@@ -250,7 +250,7 @@ pub struct OptOutPage {
         (status = 400, description = "An unknown parameter or a value of the wrong type \
             (`invalid_query`)", body = ErrorEnvelope),
         (status = 401, description = "No or an unknown API key", body = ErrorEnvelope),
-        (status = 422, description = "`invalid_limit`", body = ErrorEnvelope),
+        (status = 422, description = "`invalid_limit`, `invalid_cursor`", body = ErrorEnvelope),
         (status = 503, description = "The store cannot answer now", body = ErrorEnvelope),
     ),
 )]
@@ -268,9 +268,10 @@ pub async fn list_opt_outs(
             "`limit` must be between 1 and 1000",
         ));
     }
+    let cursor = query.cursor.map(|c| opt_out_cursor(&c)).transpose()?;
     let page = state
         .store
-        .list_opt_outs(&account.name, query.cursor, limit)
+        .list_opt_outs(&account.name, cursor, limit)
         .await?;
     let next_cursor = (page.len() == limit as usize)
         .then(|| page.last())
@@ -281,6 +282,27 @@ pub async fn list_opt_outs(
         opt_outs,
         next_cursor,
     }))
+}
+
+/// A cursor as [`OptOut::cursor`] writes it: the number's key (64 hex digits), `:`, and the
+/// sender (empty for every sender). Anything else is refused: the store would read it as no
+/// cursor and start the list again from its beginning, so a client paging with a damaged cursor
+/// would loop.
+fn opt_out_cursor(text: &str) -> Result<String, ApiError> {
+    let invalid = || {
+        ApiError::invalid(
+            "invalid_cursor",
+            "cursor",
+            "`cursor` must be the `next_cursor` of a previous page",
+        )
+    };
+    let (key, sender) = text.split_once(':').ok_or_else(invalid)?;
+    let key_ok = key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let sender_ok = sender.is_empty() || Sender::parse(sender).is_ok_and(|s| s.as_str() == sender);
+    if !(key_ok && sender_ok) {
+        return Err(invalid());
+    }
+    Ok(text.to_owned())
 }
 
 /// The whole list as CSV (`number,sender,source,created_at`); erased numbers show empty.
@@ -832,7 +854,9 @@ pub struct ErasureResult {
     suppressions_kept: u64,
 }
 
-/// Erases what the account holds about a number; an opt-out stays, pseudonymised.
+/// Erases what the account holds about a number; an opt-out stays, pseudonymised. On SQLite,
+/// once answered, the erased numbers and texts are also gone from the bytes of the database
+/// file and its WAL (see the README's Security section for PostgreSQL).
 #[utoipa::path(
     delete,
     path = "/v1/subjects/{number}",

@@ -1,11 +1,12 @@
-//! The API's connection loop, in place of `axum::serve`, which sets no limits on connections:
-//! here a client has `http.header_read_timeout` to send each request's header (so clients that
+//! The connection loop of every listener (the API, the admin API, metrics), in place of
+//! `axum::serve`, which sets no limits on connections: here a client has `http.header_read_timeout` to send each request's header (so clients that
 //! trickle headers byte by byte, slowloris, or sit idle are disconnected), a header is at most
 //! `http.max_header_bytes` and `http.max_headers` lines (else 431), at most
 //! `http.max_connections` connections are served at once (one more is answered 503 and
-//! closed), and TLS is optional (`http.tls`). HTTP/1.1, as `axum::serve` with axum's default
-//! features.
+//! closed), and TLS is optional (`http.tls`, the API only). HTTP/1.1, as `axum::serve` with
+//! axum's default features. The loop takes TCP and Unix sockets alike ([`Listener`]).
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -80,8 +81,48 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// A socket the loop accepts connections on: TCP, or a Unix socket (the admin API's default).
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+
+    /// Writes what the socket takes at once, never waiting (the 503 of a full server).
+    fn try_write(io: &Self::Io, bytes: &[u8]) -> io::Result<usize>;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+
+    async fn accept(&self) -> io::Result<TcpStream> {
+        let (stream, _) = TcpListener::accept(self).await?;
+        // Answers are small and whole: no reason to hold them back (Nagle).
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    fn try_write(io: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+        io.try_write(bytes)
+    }
+}
+
+impl Listener for UnixListener {
+    type Io = UnixStream;
+
+    async fn accept(&self) -> io::Result<UnixStream> {
+        Ok(UnixListener::accept(self).await?.0)
+    }
+
+    fn try_write(io: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+        io.try_write(bytes)
+    }
+}
+
 /// What every connection needs: the HTTP settings, TLS, the app, and the shutdown signal.
 struct Server {
+    /// Which listener: `api`, `admin` or `metrics` (the `listener` label of the connection
+    /// metrics, and logs).
+    name: &'static str,
     http1: http1::Builder,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
@@ -90,10 +131,11 @@ struct Server {
     open: AtomicUsize,
 }
 
-/// Serves `app` on `listener` until `shutdown`, then lets the requests in progress finish
-/// (each connection closes after its current answer) and returns.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves `app` on `listener` (named `name`) until `shutdown`, then lets the requests in
+/// progress finish (each connection closes after its current answer) and returns.
+pub async fn serve<L: Listener>(
+    name: &'static str,
+    listener: L,
     app: axum::Router,
     config: &HttpConfig,
     tls: Option<Arc<ServerConfig>>,
@@ -106,6 +148,7 @@ pub async fn serve(
         .max_header_size(config.max_header_bytes)
         .max_headers(config.max_headers);
     let server = Arc::new(Server {
+        name,
         http1,
         tls: tls.map(TlsAcceptor::from),
         handshake_timeout: config.header_read_timeout,
@@ -118,16 +161,16 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(error) => {
-                    accept_failed(error).await;
+                    accept_failed(name, error).await;
                     continue;
                 }
             },
             () = shutdown.cancelled() => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(stream, server.tls.is_some());
+            refuse::<L>(name, stream, server.tls.is_some());
             continue;
         };
         let server = server.clone();
@@ -139,22 +182,25 @@ pub async fn serve(
 
 /// Too many open files (or another resource) is worth a pause rather than a hot loop; a
 /// connection the client reset before it was accepted is nothing.
-async fn accept_failed(error: io::Error) {
+async fn accept_failed(name: &'static str, error: io::Error) {
     if matches!(
         error.kind(),
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
     ) {
         return;
     }
-    warn!(%error, "cannot accept an API connection; pausing for a second");
+    warn!(%error, listener = name, "cannot accept a connection; pausing for a second");
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// Every connection slot is taken: answer 503 if the socket takes it at once (never wait on a
 /// client here), and close. Over TLS a plain answer would be noise, so only close.
-fn refuse(stream: TcpStream, tls: bool) {
-    metrics::http_connection_closed("too_many_connections");
-    debug!("API connection refused: http.max_connections are open");
+fn refuse<L: Listener>(name: &'static str, stream: L::Io, tls: bool) {
+    metrics::http_connection_closed(name, "too_many_connections");
+    debug!(
+        listener = name,
+        "connection refused: http.max_connections are open"
+    );
     if !tls {
         const BODY: &str = "{\"error\":{\"code\":\"too_many_connections\",\
             \"message\":\"the gateway serves http.max_connections connections now; retry later\"}}";
@@ -163,14 +209,17 @@ fn refuse(stream: TcpStream, tls: bool) {
              retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
             BODY.len()
         );
-        let _ = stream.try_write(answer.as_bytes());
+        let _ = L::try_write(&stream, answer.as_bytes());
     }
 }
 
 impl Server {
-    async fn connection(self: Arc<Self>, stream: TcpStream, _slot: OwnedSemaphorePermit) {
-        metrics::http_connections(self.open.fetch_add(1, Ordering::Relaxed) + 1);
-        let _ = stream.set_nodelay(true);
+    async fn connection<I>(self: Arc<Self>, stream: I, _slot: OwnedSemaphorePermit)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = self.name;
+        metrics::http_connections(name, self.open.fetch_add(1, Ordering::Relaxed) + 1);
         match &self.tls {
             None => self.http(stream).await,
             Some(acceptor) => {
@@ -180,11 +229,11 @@ impl Server {
                     done = handshake => match done {
                         Ok(Ok(tls)) => self.http(tls).await,
                         Ok(Err(error)) => {
-                            metrics::http_connection_closed("tls_handshake");
+                            metrics::http_connection_closed(name, "tls_handshake");
                             debug!(%error, "TLS handshake failed");
                         }
                         Err(_) => {
-                            metrics::http_connection_closed("tls_handshake");
+                            metrics::http_connection_closed(name, "tls_handshake");
                             debug!("TLS handshake took longer than http.header_read_timeout");
                         }
                     },
@@ -192,7 +241,7 @@ impl Server {
                 }
             }
         }
-        metrics::http_connections(self.open.fetch_sub(1, Ordering::Relaxed) - 1);
+        metrics::http_connections(name, self.open.fetch_sub(1, Ordering::Relaxed) - 1);
     }
 
     /// Serves HTTP/1.1 on one connection until the client closes it, a limit closes it, or
@@ -213,9 +262,9 @@ impl Server {
         };
         if let Err(error) = result {
             if error.is_timeout() {
-                metrics::http_connection_closed("header_timeout");
+                metrics::http_connection_closed(self.name, "header_timeout");
             }
-            debug!(%error, "API connection ended with an error");
+            debug!(%error, listener = self.name, "connection ended with an error");
         }
     }
 }

@@ -207,6 +207,19 @@ pub struct Purge {
     pub idempotency_keys: u64,
 }
 
+impl Purge {
+    /// Whether anything was removed (or, dry, would be).
+    pub fn removed_any(&self) -> bool {
+        self.message_bodies
+            + self.inbound_bodies
+            + self.webhooks
+            + self.events
+            + self.canceled_messages
+            + self.idempotency_keys
+            > 0
+    }
+}
+
 /// What an erasure removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Erasure {

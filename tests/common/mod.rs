@@ -69,7 +69,12 @@ pub fn sim_config() -> SimConfig {
 /// A running gateway.
 pub struct Gateway {
     pub url: String,
+    /// The admin API's base URL: `http://localhost` on the Unix socket (the default, beside the
+    /// store), `http://<address>` on TCP; requests go through `admin_client`.
     pub admin_url: String,
+    pub admin_client: reqwest::Client,
+    /// `http://<metrics.listen>` (config_text listens on a free port); empty when not set.
+    pub metrics_url: String,
     pub db: PathBuf,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), smsgw::RunError>>>,
@@ -93,6 +98,8 @@ pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> Strin
         pseudonym_key = "test-pseudonym-key-0123456789"
         [policy]
         suspect_after = 2
+        [metrics]
+        listen = "127.0.0.1:0"
         [[accounts]]
         name = "a"
         api_keys = ["{hash_a}"]
@@ -151,29 +158,47 @@ impl Gateway {
     }
 
     async fn start_with(
-        config: Config,
+        mut config: Config,
         scheme: &str,
         client: reqwest::Client,
         reloads: tokio::sync::mpsc::Receiver<Config>,
     ) -> Gateway {
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("{scheme}://{}", http.local_addr().unwrap());
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        // The daemon's own binding, on a free port; the admin API where the config puts it.
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        let listeners = smsgw::Listeners::bind(&config).await.unwrap();
+        let url = format!("{scheme}://{}", listeners.http.local_addr().unwrap());
+        let (admin_url, admin_client) = match &listeners.admin {
+            Some(smsgw::api::listener::AdminListener::Socket(socket)) => (
+                "http://localhost".to_owned(),
+                reqwest::Client::builder()
+                    .unix_socket(socket.path())
+                    .build()
+                    .unwrap(),
+            ),
+            Some(smsgw::api::listener::AdminListener::Tcp(listener)) => (
+                format!("http://{}", listener.local_addr().unwrap()),
+                reqwest::Client::new(),
+            ),
+            None => (String::new(), reqwest::Client::new()),
+        };
+        let metrics_url = listeners
+            .metrics
+            .as_ref()
+            .map(|l| format!("http://{}", l.local_addr().unwrap()))
+            .unwrap_or_default();
         let db = config.store.path.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(smsgw::run_with_reloads(
             config,
-            smsgw::Listeners {
-                http,
-                admin: Some(admin),
-            },
+            listeners,
             shutdown.clone(),
             reloads,
         ));
         let gateway = Gateway {
             url,
             admin_url,
+            admin_client,
+            metrics_url,
             db,
             shutdown,
             task: Some(task),
@@ -181,6 +206,18 @@ impl Gateway {
         };
         gateway.wait_until_serving().await;
         gateway
+    }
+
+    /// The metrics text, from the metrics listener.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.metrics_url))
+            .send()
+            .await
+            .expect("the metrics listener answers");
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
     }
 
     /// The API's socket address, for raw TCP clients.
@@ -443,6 +480,8 @@ pub fn temp_db() -> (tempfile::TempDir, PathBuf) {
 pub struct Daemon {
     pub child: std::process::Child,
     pub url: String,
+    /// `http://<address>` of the metrics listener, when `metrics.listen` is set.
+    pub metrics_url: Option<String>,
     pub logs: std::sync::mpsc::Receiver<String>,
 }
 
@@ -466,16 +505,26 @@ impl Daemon {
             }
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut metrics_url = None;
         while std::time::Instant::now() < deadline {
             let Ok(line) = logs.recv_timeout(Duration::from_millis(200)) else {
                 continue;
             };
             let event: Value = serde_json::from_str(&line).unwrap_or_default();
+            let address = event["fields"]["address"].as_str();
+            if event["fields"]["message"] == "metrics listening" {
+                metrics_url = address.map(|a| format!("http://{a}"));
+            }
             if event["fields"]["message"] == "HTTP API listening"
-                && let Some(address) = event["fields"]["address"].as_str()
+                && let Some(address) = address
             {
                 let url = format!("http://{address}");
-                return Daemon { child, url, logs };
+                return Daemon {
+                    child,
+                    url,
+                    metrics_url,
+                    logs,
+                };
             }
         }
         let _ = child.kill();

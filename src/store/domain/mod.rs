@@ -188,9 +188,17 @@ pub(crate) struct Effects {
     /// Webhooks whose status event is their durable copy, handed to the sender (SQLite).
     handed: Vec<WebhookJob>,
     counted: Vec<Counted>,
+    /// Personal data was erased or purged: a backend that keeps old versions of its pages
+    /// (SQLite's WAL) gets them out before the answer.
+    erased: bool,
 }
 
 impl Effects {
+    /// Whether the transaction erased or purged personal data.
+    pub(crate) fn erased(&self) -> bool {
+        self.erased
+    }
+
     /// The transaction committed: wake, hand over and count what it did.
     pub(crate) fn committed(&mut self, signals: &Signals) {
         if self.queue {
@@ -277,6 +285,7 @@ pub(crate) async fn apply<D: Sql>(
             Reply::Count(policy::clear_suspect(db, number, account.as_deref(), now, effects).await?)
         }
         Op::EraseSubject { account, number } => {
+            effects.erased = true;
             Reply::Erased(policy::erase_subject(db, account, number).await?)
         }
         Op::Retry { id, expires_at } => {
@@ -332,6 +341,10 @@ pub(crate) async fn apply<D: Sql>(
             cutoffs,
             limit,
             dry_run,
-        } => Reply::Purged(retention::purge(db, cutoffs, *limit, *dry_run).await?),
+        } => {
+            let purge = retention::purge(db, cutoffs, *limit, *dry_run).await?;
+            effects.erased |= !*dry_run && purge.removed_any();
+            Reply::Purged(purge)
+        }
     })
 }

@@ -516,6 +516,11 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection, StoreError> {
         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
          PRAGMA wal_autocheckpoint = 0;",
     )?;
+    // What is deleted or updated away is overwritten with zeros, in its page (the cell's
+    // bytes) and as a page (a freed page, an overflow page of a long text): without it, an
+    // erased number or text stays in the file's free space until reused. Only this connection
+    // deletes. See `WalLimit::scrub` for the WAL.
+    conn.execute_batch("PRAGMA secure_delete = ON;")?;
     Ok(conn)
 }
 
@@ -565,6 +570,8 @@ const WAL_RESTART_BYTES: u64 = 64 << 20;
 struct WalLimit {
     wal: std::path::PathBuf,
     most_bytes: u64,
+    /// An erasure's truncation waits for a reader: when to try again (see [`WalLimit::scrub`]).
+    scrub_retry_at: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl WalLimit {
@@ -582,26 +589,98 @@ impl WalLimit {
         Ok(WalLimit {
             wal: wal.into(),
             most_bytes,
+            scrub_retry_at: std::cell::Cell::new(None),
         })
     }
 
     fn enforce(&self, conn: &rusqlite::Connection) {
+        if self
+            .scrub_retry_at
+            .get()
+            .is_some_and(|at| std::time::Instant::now() >= at)
+        {
+            self.scrub_with(conn, Duration::from_millis(50));
+            return;
+        }
         let bytes = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
         if bytes <= self.most_bytes {
             return;
         }
         // A reader still on an old snapshot would hold the writer: wait briefly, else later.
-        let restarted = conn
-            .busy_timeout(Duration::from_millis(50))
-            .and_then(|()| conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0)))
-            .map(|busy: i64| busy == 0);
-        let _ = conn.busy_timeout(WRITER_BUSY_TIMEOUT);
-        match restarted {
+        match checkpoint(conn, "RESTART", Duration::from_millis(50)) {
             Ok(true) => tracing::debug!(bytes, "WAL started over"),
             Ok(false) => tracing::debug!(bytes, "WAL not started over: a reader holds it"),
             Err(e) => tracing::debug!(error = %e, "WAL not started over"),
         }
     }
+
+    /// Whether an erasure's truncation is still to be done.
+    fn scrub_pending(&self) -> bool {
+        self.scrub_retry_at.get().is_some()
+    }
+
+    /// After an erasure or a purge, once committed. `secure_delete` has overwritten the erased
+    /// rows with zeros in their pages, but the WAL still holds the earlier versions of those
+    /// pages, erased rows and all, until it happens to be written over (RESTART writes from
+    /// its start again and leaves the rest). TRUNCATE copies every page into the database file
+    /// and cuts the WAL to nothing, so those frames are gone. The commits after it grow the
+    /// file again (see above); that happens only after an erasure or a purge. If a reader on
+    /// an older snapshot holds it past `SCRUB_WAIT`, it is tried again a second later, after
+    /// the batch then, until it succeeds.
+    fn scrub(&self, conn: &rusqlite::Connection) {
+        self.scrub_with(conn, SCRUB_WAIT);
+    }
+
+    fn scrub_with(&self, conn: &rusqlite::Connection, wait: Duration) {
+        let started = std::time::Instant::now();
+        let deadline = started + wait;
+        let truncated = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match checkpoint(conn, "TRUNCATE", left) {
+                Ok(true) => break Ok(true),
+                // SQLite answers busy at once, without its busy handler, while another
+                // checkpoint runs (the checkpointer's, a few milliseconds): wait for it here.
+                other if left.is_zero() => break other,
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        };
+        let again = std::time::Instant::now() + Duration::from_secs(1);
+        match (truncated, self.scrub_retry_at.get()) {
+            (Ok(true), _) => {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::debug!(ms, "WAL truncated: erased data is out of it");
+                self.scrub_retry_at.set(None);
+            }
+            (failed, None) => {
+                tracing::warn!(
+                    error = failed.err().map(|e| e.to_string()),
+                    "the WAL still holds erased data: a reader keeps it from being truncated; \
+                     trying again every second"
+                );
+                self.scrub_retry_at.set(Some(again));
+            }
+            (_, Some(_)) => self.scrub_retry_at.set(Some(again)),
+        }
+    }
+}
+
+/// How long an erasure's WAL truncation waits for readers on older snapshots.
+const SCRUB_WAIT: Duration = Duration::from_secs(1);
+
+/// Runs `PRAGMA wal_checkpoint(mode)` waiting at most `wait` for the locks; true when it
+/// completed (no reader held it back).
+fn checkpoint(
+    conn: &rusqlite::Connection,
+    mode: &str,
+    wait: Duration,
+) -> Result<bool, rusqlite::Error> {
+    let done = conn.busy_timeout(wait).and_then(|()| {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            r.get::<_, i64>(0)
+        })
+    });
+    let _ = conn.busy_timeout(WRITER_BUSY_TIMEOUT);
+    done.map(|busy| busy == 0)
 }
 
 const WRITER_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -741,7 +820,11 @@ fn run_writer(
             }
         }
         match apply_batch(&tx, &state, &batch) {
-            Ok(replies) => {
+            Ok((replies, erased)) => {
+                // An erasure is answered once the WAL no longer holds what it erased.
+                if erased {
+                    wal_limit.scrub(&conn);
+                }
                 for (job, reply) in batch.drain(..).zip(replies) {
                     let _ = job.reply.send(Ok(reply));
                 }
@@ -758,23 +841,34 @@ fn run_writer(
                 recovery.after_failure(&conn, &error);
                 for job in batch.drain(..) {
                     let single = std::slice::from_ref(&job);
-                    let result = apply_batch(&tx, &state, single)
-                        .map(|mut replies| replies.pop().unwrap_or(Reply::Done));
-                    if let Err(error) = &result {
-                        recovery.after_failure(&conn, error);
+                    let result = apply_batch(&tx, &state, single);
+                    match &result {
+                        Err(error) => recovery.after_failure(&conn, error),
+                        Ok((_, true)) => wal_limit.scrub(&conn),
+                        Ok(_) => {}
                     }
+                    let result =
+                        result.map(|(mut replies, _)| replies.pop().unwrap_or(Reply::Done));
                     let _ = job.reply.send(result);
                 }
             }
         }
         wal_limit.enforce(&conn);
     }
+    // The last try: a reader-only connection closes last and does not checkpoint.
+    if wal_limit.scrub_pending() {
+        wal_limit.scrub(&conn);
+    }
 }
 
 /// Applies a batch in one transaction: the rules of `store::domain` on this connection, each
 /// statement complete before it returns, so `block_on` never waits. What the batch set in
-/// motion happens once it has committed.
-fn apply_batch(tx: &Tx, state: &WriterState, batch: &[Job]) -> Result<Vec<Reply>, StoreError> {
+/// motion happens once it has committed. Also says whether it erased personal data.
+fn apply_batch(
+    tx: &Tx,
+    state: &WriterState,
+    batch: &[Job],
+) -> Result<(Vec<Reply>, bool), StoreError> {
     let mut effects = Effects::default();
     let mut db = SqliteTx {
         tx,
@@ -797,12 +891,13 @@ fn apply_batch(tx: &Tx, state: &WriterState, batch: &[Job]) -> Result<Vec<Reply>
         transaction.commit()?;
         Ok(replies)
     })();
+    let erased = effects.erased();
     match &result {
         Ok(_) => effects.committed(&state.signals),
         // Rolled back: the rows these jobs name do not exist.
         Err(_) => effects.rolled_back(&state.signals),
     }
-    result
+    result.map(|replies| (replies, erased))
 }
 /// Event ids, given by the writer rather than by SQLite, which would reuse the ids of the
 /// newest events after an erasure deleted them: the webhook cursor needs ids that only grow.
