@@ -712,3 +712,76 @@ async fn receipts_reach_any_instance_and_an_opt_out_at_one_stops_sending_at_the_
     a.close().await;
     b.close().await;
 }
+
+// ---- the two backends post the same bytes ----
+
+/// A payload with the values that differ by when and where it was made (times, the ids of an
+/// inbound SMS and of its automatic reply) blanked out: everything else, key order included,
+/// is compared as bytes.
+fn blank_times_and_ids(payload: &str) -> String {
+    let mut out = payload.to_owned();
+    for key in [
+        "\"at\":\"",
+        "\"received_at\":\"",
+        "\"id\":\"",
+        "\"message_id\":\"",
+    ] {
+        let mut from = 0;
+        while let Some(start) = out[from..].find(key).map(|i| from + i + key.len()) {
+            let end = out[start..].find('"').map_or(out.len(), |i| start + i);
+            out.replace_range(start..end, "_");
+            from = start + 1;
+        }
+    }
+    out
+}
+
+/// The same story on a store: a message with a webhook sent and delivered, and a STOP reply.
+async fn webhook_story(store: &dyn Store, message: NewMessage) -> Vec<String> {
+    let id = message.id;
+    submit(store, vec![message]).await;
+    store.claim_due(10, lease()).await.unwrap();
+    store.record_attempts(vec![sent(id, "77")]).await.unwrap();
+    store
+        .apply_receipt("sim", receipt("77", ReceiptState::Delivered))
+        .await
+        .unwrap();
+    let owner = InboundOwner {
+        account: "a".into(),
+        webhook_url: Some("http://127.0.0.1:9/hooks".into()),
+        keywords: Arc::new(smsgw::policy::opt_out::Keywords::default()),
+        policy: AccountPolicy::default(),
+    };
+    let sms = InboundSms {
+        from: TO.trim_start_matches('+').into(),
+        to: "46700000001".into(),
+        text: "STOP".into(),
+        concat: None,
+    };
+    store.store_inbound("sim", sms, Some(owner)).await.unwrap();
+    let jobs = store.claim_webhooks(100, lease()).await.unwrap();
+    jobs.iter()
+        .map(|j| blank_times_and_ids(&j.payload))
+        .collect()
+}
+
+#[tokio::test]
+async fn both_backends_post_byte_identical_webhooks() {
+    let Some(db) = TestDb::create("same_bytes").await else {
+        return;
+    };
+    let message = new_message(TO, Category::Marketing, Some("http://127.0.0.1:9/hooks"));
+    let (_dir, path) = common::temp_db();
+    let sqlite = SqliteStore::open(&path, 64, rules()).await.unwrap();
+    let on_sqlite = webhook_story(&sqlite, message.clone()).await;
+    sqlite.close().await;
+    let postgres = PostgresStore::open(&db.url, 64, rules()).await.unwrap();
+    let on_postgres = webhook_story(&postgres, message).await;
+    postgres.close().await;
+    assert_eq!(
+        on_sqlite.len(),
+        4,
+        "queued, sent, delivered, inbound: {on_sqlite:?}"
+    );
+    assert_eq!(on_sqlite, on_postgres);
+}

@@ -2,7 +2,7 @@
 //!
 //! PostgreSQL is built for many concurrent transactions and group-commits them itself, so
 //! each instance runs [`WRITERS`] writer tasks, each on a pooled connection: a writer takes the
-//! operations waiting in the shared channel (up to `max_batch`), applies the rules of
+//! operations waiting in the shared channel (up to 8), applies the rules of
 //! `store::domain` to them in one transaction and answers each caller after the commit. If
 //! the batch fails (a deadlock with a concurrent transaction, a duplicate idempotency key
 //! committed meanwhile), each operation is retried alone, a few times if PostgreSQL says so,
@@ -48,6 +48,10 @@ use sql::PgTx;
 const WRITERS: usize = 16;
 /// Connections for the reads (API lookups, exports, lease renewal, link ownership).
 const READERS: u32 = 8;
+/// Most operations one writer takes into one transaction. Small, so that the operations
+/// waiting spread over the writers instead of one writer taking them all while the others
+/// idle; the commits of concurrent writers are grouped by PostgreSQL itself.
+const WRITER_BATCH: usize = 8;
 /// How often the leases of the claims in flight are renewed, as a share of the lease.
 const RENEWALS_PER_LEASE: i64 = 3;
 /// How often one operation is tried alone when PostgreSQL reports a conflict between
@@ -129,7 +133,7 @@ impl PostgresStore {
                 tokio::spawn(run_writer(
                     readers.clone(),
                     jobs.clone(),
-                    max_batch,
+                    max_batch.min(WRITER_BATCH),
                     signals.clone(),
                     rules.clone(),
                     instance.clone(),
