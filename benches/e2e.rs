@@ -60,6 +60,8 @@ struct Args {
     store_url: Option<String>,
     /// Gateways sharing the PostgreSQL database; requests go to them in turn.
     instances: usize,
+    /// PostgreSQL: the gateway's writer transactions at once (`store.writers`).
+    store_writers: Option<usize>,
     /// `webhooks.concurrency` of the gateway; None keeps the daemon's default.
     webhook_concurrency: Option<usize>,
     /// The account has no webhook_url: done when every receipt is stored (isolates webhook cost).
@@ -86,6 +88,7 @@ impl Default for Args {
             db_dir: None,
             store_url: None,
             instances: 1,
+            store_writers: None,
             webhook_concurrency: None,
             no_webhooks: false,
             webhook_batch: 1,
@@ -96,7 +99,7 @@ impl Default for Args {
 const USAGE: &str = "usage: cargo bench --bench e2e -- [--messages N] [--batch B] [--concurrency C] \
 [--rate MSG_PER_S] [--receipt-delay-ms MS] [--timeout SECS] [--binds N] [--window W] \
 [--carrier-rate PER_BIND_PER_S] [--gateway-threads T] [--load-threads T] [--db-dir DIR] \
-[--store-url postgres://...] [--instances N] \
+[--store-url postgres://...] [--store-writers N] [--instances N] \
 [--webhook-concurrency N] [--webhook-batch N] [--no-webhooks]";
 
 impl Args {
@@ -128,6 +131,7 @@ impl Args {
                 "--no-webhooks" => args.no_webhooks = true,
                 "--webhook-batch" => args.webhook_batch = value("--webhook-batch")? as usize,
                 "--instances" => args.instances = value("--instances")? as usize,
+                "--store-writers" => args.store_writers = Some(value("--store-writers")? as usize),
                 "--store-url" => {
                     args.store_url = Some(it.next().ok_or("--store-url needs a value")?);
                 }
@@ -334,7 +338,10 @@ fn gateway_config(args: &Args, db: &Path, sim: &SimHandle, hook_url: &str) -> Co
         drain_timeout = "2s"
         "#,
         store = match &args.store_url {
-            Some(url) => format!("url = \"{url}\""),
+            Some(url) => match args.store_writers {
+                Some(writers) => format!("url = \"{url}\"\nwriters = {writers}"),
+                None => format!("url = \"{url}\""),
+            },
             None => format!("path = \"{}\"", db.display()),
         },
         hash = smsgw::api::auth::hash_key(API_KEY),

@@ -99,6 +99,8 @@ pub struct StoreConfig {
     pub path_given: bool,
     /// Most operations committed in one transaction by the writer (group commit).
     pub max_batch: usize,
+    /// PostgreSQL: writer transactions run at once (SQLite has one writer).
+    pub writers: usize,
     /// How long a claimed message stays leased to this process before it may be claimed again.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
@@ -113,6 +115,7 @@ impl Default for StoreConfig {
             url: None,
             path_given: false,
             max_batch: 1024,
+            writers: 16,
             lease: Duration::from_secs(300),
         }
     }
@@ -939,6 +942,11 @@ impl Config {
             self.store.max_batch >= 1,
             "store.max_batch",
             "must be at least 1",
+        );
+        need(
+            (1..=256).contains(&self.store.writers),
+            "store.writers",
+            "must be between 1 and 256",
         );
         need(
             self.store.lease >= Duration::from_secs(10),

@@ -587,7 +587,7 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     let Some(db) = super::TestDb::create(stringify!($case)).await else { return };
-                    let store = super::PostgresStore::open(&db.url, 64, super::rules()).await.unwrap();
+                    let store = super::PostgresStore::open(&db.url, 64, 16, super::rules()).await.unwrap();
                     super::$case(&store).await;
                     super::Store::close(&store).await;
                 }
@@ -620,8 +620,8 @@ conformance!(
 
 async fn two_instances(test: &str) -> Option<(TestDb, PostgresStore, PostgresStore)> {
     let db = TestDb::create(test).await?;
-    let a = PostgresStore::open(&db.url, 64, rules()).await.unwrap();
-    let b = PostgresStore::open(&db.url, 64, rules()).await.unwrap();
+    let a = PostgresStore::open(&db.url, 64, 16, rules()).await.unwrap();
+    let b = PostgresStore::open(&db.url, 64, 16, rules()).await.unwrap();
     Some((db, a, b))
 }
 
@@ -775,7 +775,7 @@ async fn both_backends_post_byte_identical_webhooks() {
     let sqlite = SqliteStore::open(&path, 64, rules()).await.unwrap();
     let on_sqlite = webhook_story(&sqlite, message.clone()).await;
     sqlite.close().await;
-    let postgres = PostgresStore::open(&db.url, 64, rules()).await.unwrap();
+    let postgres = PostgresStore::open(&db.url, 64, 16, rules()).await.unwrap();
     let on_postgres = webhook_story(&postgres, message).await;
     postgres.close().await;
     assert_eq!(

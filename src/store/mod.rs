@@ -41,7 +41,8 @@ pub async fn open(
 ) -> Result<Opened, StoreError> {
     match &config.url {
         Some(url) => {
-            let store = postgres::PostgresStore::open(url, config.max_batch, rules).await?;
+            let store =
+                postgres::PostgresStore::open(url, config.max_batch, config.writers, rules).await?;
             let links = Arc::new(store.link_ownership());
             Ok(Opened {
                 store: Arc::new(store),

@@ -1,8 +1,8 @@
 //! PostgreSQL backend, for several smsgw instances sharing one database.
 //!
 //! PostgreSQL is built for many concurrent transactions and group-commits them itself, so
-//! each instance runs [`WRITERS`] writer tasks, each on a pooled connection: a writer takes the
-//! operations waiting in the shared channel (up to 8), applies the rules of
+//! each instance runs `store.writers` writer tasks, each on a pooled connection: a writer
+//! takes its share of the operations waiting in the shared channel, applies the rules of
 //! `store::domain` to them in one transaction and answers each caller after the commit. If
 //! the batch fails (a deadlock with a concurrent transaction, a duplicate idempotency key
 //! committed meanwhile), each operation is retried alone, a few times if PostgreSQL says so,
@@ -43,15 +43,9 @@ use super::*;
 use crate::message::now_ms;
 use sql::PgTx;
 
-/// Transactions an instance runs at once. Each holds a pooled connection while it runs; the
-/// reads have their own few beside them.
-const WRITERS: usize = 16;
-/// Connections for the reads (API lookups, exports, lease renewal, link ownership).
+/// Connections for the reads (API lookups, exports, lease renewal, link ownership), beside
+/// one per writer (`store.writers`).
 const READERS: u32 = 8;
-/// Most operations one writer takes into one transaction. Small, so that the operations
-/// waiting spread over the writers instead of one writer taking them all while the others
-/// idle; the commits of concurrent writers are grouped by PostgreSQL itself.
-const WRITER_BATCH: usize = 8;
 /// How often the leases of the claims in flight are renewed, as a share of the lease.
 const RENEWALS_PER_LEASE: i64 = 3;
 /// How often one operation is tried alone when PostgreSQL reports a conflict between
@@ -65,6 +59,8 @@ pub struct PostgresStore {
     signals: Arc<Signals>,
     leases: Arc<Leases>,
     stop: CancellationToken,
+    /// Writer tasks (`store.writers`).
+    writers: usize,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -107,11 +103,12 @@ impl PostgresStore {
     pub async fn open(
         url: &str,
         max_batch: usize,
+        writers: usize,
         rules: StoreRules,
     ) -> Result<PostgresStore, StoreError> {
         let options: PgConnectOptions = url.parse()?;
         let readers = PgPoolOptions::new()
-            .max_connections(READERS + WRITERS as u32)
+            .max_connections(READERS + writers as u32)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
@@ -128,12 +125,12 @@ impl PostgresStore {
         });
         let jobs = Arc::new(Mutex::new(rx));
         let instance: Arc<str> = Arc::from(leases.instance.as_str());
-        let mut tasks: Vec<JoinHandle<()>> = (0..WRITERS)
+        let mut tasks: Vec<JoinHandle<()>> = (0..writers)
             .map(|_| {
                 tokio::spawn(run_writer(
                     readers.clone(),
                     jobs.clone(),
-                    max_batch.min(WRITER_BATCH),
+                    Share { max_batch, writers },
                     signals.clone(),
                     rules.clone(),
                     instance.clone(),
@@ -152,6 +149,7 @@ impl PostgresStore {
             signals,
             leases,
             stop,
+            writers,
             tasks: Mutex::new(tasks),
         })
     }
@@ -371,7 +369,7 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         // Behind every job already sent: those are still committed.
-        self.writer.stop(WRITERS).await;
+        self.writer.stop(self.writers).await;
         self.stop.cancel();
         for handle in self.tasks.lock().await.drain(..) {
             let _ = handle.await;
@@ -380,19 +378,35 @@ impl Store for PostgresStore {
     }
 }
 
-/// One of the writers: takes the jobs waiting (up to `max_batch`) and applies them in one
+/// How a writer sizes its batch: its share of the operations waiting, at most `max_batch`.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    max_batch: usize,
+    writers: usize,
+}
+
+impl Share {
+    /// A writer takes an even share of what waits, so that a burst spreads over the writers
+    /// instead of one writer taking it all while the others idle; when every writer is busy
+    /// the queue grows and the shares with it (more group commit per transaction).
+    fn of(&self, waiting: usize) -> usize {
+        waiting.div_ceil(self.writers).clamp(1, self.max_batch)
+    }
+}
+
+/// One of the writers: takes its share of the jobs waiting and applies them in one
 /// transaction, while the other writers do the same on their own connections; PostgreSQL
 /// group-commits the concurrent transactions. Stops at a [`Message::Stop`], behind the jobs
 /// sent before it.
 async fn run_writer(
     pool: PgPool,
     jobs: Arc<Mutex<mpsc::Receiver<Message>>>,
-    max_batch: usize,
+    share: Share,
     signals: Arc<Signals>,
     rules: Arc<StoreRules>,
     instance: Arc<str>,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
+    let mut batch = Vec::with_capacity(share.max_batch.min(64));
     loop {
         let stop = {
             let mut jobs = jobs.lock().await;
@@ -403,7 +417,8 @@ async fn run_writer(
                 }
                 Some(Message::Stop) | None => true,
             };
-            while !stop && batch.len() < max_batch {
+            let take = share.of(jobs.len() + 1);
+            while !stop && batch.len() < take {
                 match jobs.try_recv() {
                     Ok(Message::Job(job)) => batch.push(job),
                     Ok(Message::Stop) => stop = true,
