@@ -5,6 +5,8 @@
 //! `"<t>.<body>"` with the account's webhook secret. Receivers check the signature and reject
 //! old timestamps, which stops replays ([`verify`]).
 
+pub mod egress;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
