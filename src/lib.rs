@@ -180,7 +180,7 @@ pub async fn run_with_reloads(
         WebhookSender {
             store: store.clone(),
             live: live.clone(),
-            client: WebhookSender::client(&config.webhooks),
+            egress: crate::webhook::Egress::new(&config.webhooks),
             config: config.webhooks.clone(),
         }
         .run(shutdown.clone()),

@@ -23,6 +23,7 @@ use crate::config::WebhooksConfig;
 use crate::message::now_ms;
 use crate::metrics;
 use crate::store::{Store, WebhookCopy, WebhookJob, WebhookResult};
+use crate::webhook::egress::{Guarded, Reach, Refused};
 
 pub const SIGNATURE_HEADER: &str = "x-smsgw-signature";
 /// Webhooks claimed at once, per unit of concurrency.
@@ -36,22 +37,49 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 
 pub struct WebhookSender {
     pub store: Arc<dyn Store>,
-    /// Webhook secrets per account, among the reloadable settings.
+    /// Webhook secrets and URLs per account, among the reloadable settings.
     pub live: crate::reload::Live,
     pub config: WebhooksConfig,
-    pub client: reqwest::Client,
+    pub egress: Egress,
 }
 
-impl WebhookSender {
-    pub fn client(config: &WebhooksConfig) -> reqwest::Client {
+/// The HTTP clients webhooks are posted with, each connecting only where its [`Reach`] permits.
+pub struct Egress {
+    /// For URLs an account gave (`callback_url`): public addresses only.
+    public: reqwest::Client,
+    /// For the URL the operator configured as an account's `webhook_url`: public addresses and
+    /// `webhooks.allow_internal`.
+    operator: reqwest::Client,
+    public_reach: Reach,
+    operator_reach: Reach,
+}
+
+impl Egress {
+    pub fn new(config: &WebhooksConfig) -> Egress {
+        let operator_reach = Reach::with_internal(config.internal_networks());
+        Egress {
+            public: Egress::client(config, Reach::public()),
+            operator: Egress::client(config, operator_reach.clone()),
+            public_reach: Reach::public(),
+            operator_reach,
+        }
+    }
+
+    fn client(config: &WebhooksConfig, reach: Reach) -> reqwest::Client {
         reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            // A redirect or a proxy (HTTP_PROXY from the environment) would take the post to
+            // an address the resolver never judged.
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Guarded::system(reach))
             .build()
             .unwrap_or_default()
     }
+}
 
+impl WebhookSender {
     /// Posts webhooks until `shutdown`; posts in flight then finish (bounded by the timeout).
     ///
     /// Most webhooks are handed over by the store as it commits them (see
@@ -171,7 +199,7 @@ impl WebhookSender {
     /// Posts one request and says what to record of each of its webhooks: delivered, retry
     /// at, or give up.
     async fn deliver(&self, request: Request) -> Vec<(WebhookJob, WebhookResult)> {
-        let posted = self.post(&request).await;
+        let posted = self.post(&request).await.map_err(|e| e.to_string());
         let results: Vec<(WebhookJob, WebhookResult)> = request
             .jobs
             .into_iter()
@@ -202,22 +230,28 @@ impl WebhookSender {
         }
     }
 
-    async fn post(&self, request: &Request) -> Result<(), String> {
+    async fn post(&self, request: &Request) -> Result<(), PostError> {
         let Some(first) = request.jobs.first() else {
             return Ok(());
         };
+        let url = reqwest::Url::parse(&first.url).map_err(|_| PostError::Url)?;
+        let (secret, operators) = {
+            let live = self.live.load();
+            let secret = live.webhook_secrets.get(&first.account).cloned();
+            let operators = live.webhook_urls.get(&first.account) == Some(&first.url);
+            (secret.unwrap_or_default(), operators)
+        };
+        let (client, reach) = if operators {
+            (&self.egress.operator, &self.egress.operator_reach)
+        } else {
+            (&self.egress.public, &self.egress.public_reach)
+        };
+        // The client resolves names through the guard; a literal address it never resolves.
+        reach.check_url(&url)?;
         let body = request.body();
-        let secret = self
-            .live
-            .load()
-            .webhook_secrets
-            .get(&first.account)
-            .cloned()
-            .unwrap_or_default();
         let timestamp = now_ms() / 1000;
-        let response = self
-            .client
-            .post(&first.url)
+        let response = client
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(
                 SIGNATURE_HEADER,
@@ -226,12 +260,43 @@ impl WebhookSender {
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(PostError::from)?;
         if response.status().is_success() {
             Ok(())
         } else {
-            Err(format!("answered {}", response.status()))
+            Err(PostError::Status(response.status()))
         }
+    }
+}
+
+/// Why a post failed, as stored with the webhook and logged: never with the URL, whose query
+/// often carries a receiver's token.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    #[error("not sent: {0}")]
+    Refused(#[from] Refused),
+    #[error("the URL is not valid")]
+    Url,
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+}
+
+impl From<reqwest::Error> for PostError {
+    fn from(error: reqwest::Error) -> PostError {
+        let error = error.without_url();
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            if let Some(refused) = cause.downcast_ref::<Refused>() {
+                return PostError::Refused(refused.clone());
+            }
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        PostError::Request(text)
     }
 }
 
