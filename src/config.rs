@@ -170,7 +170,8 @@ pub struct WebhooksConfig {
     pub retry_schedule: Schedule,
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
-    /// Most webhook requests in flight at once.
+    /// Most webhook requests in flight at once for one account: an account whose receiver is
+    /// slow or dead holds up only its own.
     pub concurrency: usize,
     /// Networks (CIDR, or single addresses) besides public addresses that an account's
     /// `webhook_url` may reach: the operator's own internal receivers. Never a `callback_url`.

@@ -451,3 +451,83 @@ async fn a_failed_webhook_is_logged_without_its_urls_query() {
         }
     }
 }
+
+/// Parses an RFC 3339 event time.
+fn event_time(event: &Value) -> std::time::SystemTime {
+    let at = event["at"].as_str().expect("an event time");
+    let at = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 time");
+    std::time::SystemTime::from(at)
+}
+
+/// Account a's receiver accepts the connection and never answers, and a has 150 messages'
+/// webhooks for it; account b's webhooks still arrive within 1 s of the change they report.
+/// (Before webhooks had lanes per account, b's first one waited behind a's for about 23 s.)
+#[tokio::test]
+async fn a_dead_receiver_of_one_account_does_not_delay_another_accounts_webhooks() {
+    let (_dir, db) = temp_db();
+    let sim = Sim::start(sim_config()).await;
+    let dead = Hooks::start().await;
+    dead.hang.store(true, Ordering::SeqCst);
+    let b_hooks = Hooks::start().await;
+    let config = config_text(&db, sim.address(), Some(&dead.url)).replace(
+        "name = \"b\"\n",
+        &format!(
+            "name = \"b\"\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET_B}\"\n",
+            b_hooks.url
+        ),
+    );
+    let gateway = Gateway::start(parse_config(&config)).await;
+    gateway.wait_ready().await;
+
+    let batch: Vec<Value> = (0..150)
+        .map(|i| message(TO, &format!("to a dead receiver {i}")))
+        .collect();
+    let (status, answer) = gateway.post(KEY_A, &json!({ "messages": batch })).await;
+    assert_eq!(status, 202, "{answer}");
+    eventually(
+        Duration::from_secs(20),
+        "a's 150 messages delivered",
+        || async {
+            let (_, page) = gateway
+                .get(KEY_A, "/v1/messages?status=delivered&limit=500")
+                .await;
+            (page["messages"].as_array().map(Vec::len) == Some(150)).then_some(())
+        },
+    )
+    .await;
+
+    let (status, answer) = gateway
+        .post(KEY_B, &message(TO, "to a live receiver"))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_owned();
+    // When each of b's events arrived (polled every 5 ms), against the time of its change.
+    let mut arrived: Vec<(String, std::time::SystemTime, std::time::SystemTime)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while arrived.len() < 3 && tokio::time::Instant::now() < deadline {
+        for (_, event) in b_hooks.bodies() {
+            let status = event["status"].as_str().unwrap_or("").to_owned();
+            if event["message_id"] == id.as_str() && !arrived.iter().any(|(s, ..)| *s == status) {
+                arrived.push((status, event_time(&event), std::time::SystemTime::now()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let statuses: Vec<&str> = arrived.iter().map(|(s, ..)| s.as_str()).collect();
+    assert_eq!(
+        statuses.len(),
+        3,
+        "b's queued, sent and delivered webhooks: {statuses:?}"
+    );
+    for (status, at, when) in &arrived {
+        let late = when.duration_since(*at).unwrap_or_default();
+        println!("b's {status} webhook arrived {late:?} after the change");
+        assert!(
+            late <= Duration::from_secs(1),
+            "b's {status} webhook arrived {late:?} after the change"
+        );
+    }
+    assert!(dead.raw().is_empty(), "a's receiver never answered");
+    gateway.stop().await;
+}

@@ -1902,6 +1902,16 @@ async fn webhook_results(
                 .execute(&mut **tx)
                 .await?;
             }
+            WebhookResult::Deferred { at } => {
+                sqlx::query(
+                    "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1, due_at = $2
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+            }
         }
     }
     if !gone.is_empty() {

@@ -2169,6 +2169,14 @@ fn webhook_results(
                     [job.id],
                 )?;
             }
+            (WebhookCopy::Outbox, WebhookResult::Deferred { at }) => {
+                run(
+                    tx,
+                    "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1, due_at = ?2
+                     WHERE id = ?1",
+                    params![job.id, at],
+                )?;
+            }
             (WebhookCopy::Event, WebhookResult::Delivered | WebhookResult::GiveUp { .. }) => {}
             (WebhookCopy::Event, WebhookResult::RetryAt { at, error }) => {
                 let row = OutboxRow {
@@ -2190,6 +2198,17 @@ fn webhook_results(
                     &job.payload,
                     job.created_at,
                     now,
+                    wake,
+                )?;
+            }
+            (WebhookCopy::Event, WebhookResult::Deferred { at }) => {
+                enqueue_webhook(
+                    tx,
+                    &job.account,
+                    &job.url,
+                    &job.payload,
+                    job.created_at,
+                    *at,
                     wake,
                 )?;
             }
