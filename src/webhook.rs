@@ -58,17 +58,18 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn new(config: &WebhooksConfig) -> Egress {
+    /// Fails only if the TLS backend cannot start: a client without the guard is no fallback.
+    pub fn new(config: &WebhooksConfig) -> Result<Egress, reqwest::Error> {
         let operator_reach = Reach::with_internal(config.internal_networks());
-        Egress {
-            public: Egress::client(config, Reach::public()),
-            operator: Egress::client(config, operator_reach.clone()),
+        Ok(Egress {
+            public: Egress::client(config, Reach::public())?,
+            operator: Egress::client(config, operator_reach.clone())?,
             public_reach: Reach::public(),
             operator_reach,
-        }
+        })
     }
 
-    fn client(config: &WebhooksConfig, reach: Reach) -> reqwest::Client {
+    fn client(config: &WebhooksConfig, reach: Reach) -> Result<reqwest::Client, reqwest::Error> {
         reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
@@ -78,7 +79,6 @@ impl Egress {
             .no_proxy()
             .dns_resolver(Guarded::system(reach))
             .build()
-            .unwrap_or_default()
     }
 }
 

@@ -531,3 +531,88 @@ async fn a_dead_receiver_of_one_account_does_not_delay_another_accounts_webhooks
     assert!(dead.raw().is_empty(), "a's receiver never answered");
     gateway.stop().await;
 }
+
+/// The real binary on `config`, with `env` added to its environment.
+fn daemon_with_env(config: &std::path::Path, env: &[(&str, String)]) -> Daemon {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smsgw"))
+        .args(["run", "--config", &config.display().to_string()])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the smsgw binary starts");
+    let stdout = child.stdout.take();
+    let (lines, logs) = std::sync::mpsc::channel();
+    // Held from here on, so that a failure below kills the process (Daemon's Drop).
+    let mut daemon = Daemon {
+        child,
+        url: String::new(),
+        logs,
+    };
+    let stdout = stdout.expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        let line = daemon
+            .logs
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the daemon logs that it listens");
+        let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["fields"]["message"] == "HTTP API listening" {
+            daemon.url = format!("http://{}", event["fields"]["address"].as_str().unwrap());
+            return daemon;
+        }
+    }
+}
+
+/// A proxy from the environment would make the connections for the gateway, to addresses the
+/// gateway never judged: webhooks use none.
+#[tokio::test]
+async fn webhooks_ignore_a_proxy_set_in_the_environment() {
+    let sim = Sim::start(sim_config()).await;
+    let hooks = Hooks::start().await;
+    let proxy = Forbidden::start().await;
+    let (dir, db) = temp_db();
+    let config = config_text(&db, sim.address(), Some(&hooks.url)).replace(
+        "[store]",
+        "[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nenabled = false\n\
+         [logging]\nformat = \"json\"\n[store]",
+    );
+    let path = dir.path().join("smsgw.toml");
+    std::fs::write(&path, config).unwrap();
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
+    let env: Vec<(&str, String)> = ["http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY"]
+        .into_iter()
+        .map(|name| (name, proxy_url.clone()))
+        .collect();
+    let daemon = daemon_with_env(&path, &env);
+    let answer: Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/messages", daemon.url))
+        .bearer_auth(KEY_A)
+        .json(&message(TO, "not through a proxy"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = answer["id"].as_str().expect("an id").to_owned();
+    let expected = sent_and_delivered([&id]);
+    eventually(
+        Duration::from_secs(15),
+        "the webhooks, straight to the receiver",
+        || async { (hooks.statuses() == expected).then_some(()) },
+    )
+    .await;
+    daemon.terminate();
+    assert_eq!(proxy.connections(), 0);
+}
