@@ -126,40 +126,44 @@ impl WebhookSender {
             if Instant::now() >= next_look {
                 outbox_may_hold = true;
             }
-            let held: usize = lanes.values().map(|lane| lane.held).sum();
-            let room = claim_size.min(MOST_HELD.saturating_sub(held));
             let mut claimed = Vec::new();
-            if outbox_may_hold && room > 0 && this.worth_claiming(&lanes) {
-                claimed = this.claim(room, lease_ms).await;
-                outbox_may_hold = claimed.len() == room;
-                if !outbox_may_hold {
-                    next_look = Instant::now() + this.until_next_due().await;
+            if outbox_may_hold && this.worth_claiming(&lanes) {
+                let held: usize = lanes.values().map(|lane| lane.held).sum();
+                let room = claim_size.min(MOST_HELD.saturating_sub(held));
+                if room > 0 {
+                    claimed = this.claim(room, lease_ms).await;
+                    outbox_may_hold = claimed.len() == room;
+                    if !outbox_may_hold {
+                        next_look = Instant::now() + this.until_next_due().await;
+                    }
                 }
             }
             let took_any = !handed.is_empty() || !claimed.is_empty();
-            let deferred = {
-                let live = this.live.load();
-                let batch = |account: &str| live.webhook_batches.get(account).map_or(1, |n| *n);
-                let behind = Behind {
-                    concurrency,
-                    hold_for,
-                    timeout: this.config.timeout,
-                    now: now_ms(),
+            if took_any {
+                let deferred = {
+                    let live = this.live.load();
+                    let batch = |account: &str| live.webhook_batches.get(account).map_or(1, |n| *n);
+                    let behind = Behind {
+                        concurrency,
+                        hold_for,
+                        timeout: this.config.timeout,
+                        now: now_ms(),
+                    };
+                    behind.queue(
+                        &mut lanes,
+                        requests(handed, batch),
+                        requests(claimed, batch),
+                    )
                 };
-                behind.queue(
-                    &mut lanes,
-                    requests(handed, batch),
-                    requests(claimed, batch),
-                )
-            };
-            if !deferred.is_empty() {
-                debug!(
-                    webhooks = deferred.len(),
-                    "webhooks put back: their accounts' receivers are behind"
-                );
-            }
-            for outcome in deferred {
-                let _ = results.send(outcome).await;
+                if !deferred.is_empty() {
+                    debug!(
+                        webhooks = deferred.len(),
+                        "webhooks put back: their accounts' receivers are behind"
+                    );
+                }
+                for outcome in deferred {
+                    let _ = results.send(outcome).await;
+                }
             }
             for (account, lane) in lanes.iter_mut() {
                 while let Some(request) = lane.next(concurrency) {
@@ -185,17 +189,34 @@ impl WebhookSender {
                 continue;
             }
             // Wait for work: handed jobs, a row written to the outbox, the next due one, or a
-            // finished post (room in its lane, maybe to claim). No polling meanwhile.
-            tokio::select! {
-                () = signals.webhooks.notified() => outbox_may_hold = true,
-                () = signals.handoff.handed.notified() => {}
-                () = sleep_until(next_look), if !outbox_may_hold => outbox_may_hold = true,
-                Some((account, took)) = done.recv() => {
-                    if let Some(lane) = lanes.get_mut(&account) {
-                        lane.finished(took);
+            // finished post that makes room for a waiting request or a claim. No polling
+            // meanwhile, and a post that finishes with nothing to follow it costs no round.
+            let notified = signals.webhooks.notified();
+            let handed = signals.handoff.handed.notified();
+            let look = sleep_until(next_look);
+            let stop = shutdown.cancelled();
+            tokio::pin!(notified, handed, look, stop);
+            loop {
+                tokio::select! {
+                    () = &mut notified => {
+                        outbox_may_hold = true;
+                        break;
                     }
+                    () = &mut handed => break,
+                    () = &mut look, if !outbox_may_hold => {
+                        outbox_may_hold = true;
+                        break;
+                    }
+                    Some((account, took)) = done.recv() => {
+                        if let Some(lane) = lanes.get_mut(&account) {
+                            lane.finished(took);
+                            if !lane.waiting.is_empty() || outbox_may_hold {
+                                break;
+                            }
+                        }
+                    }
+                    () = &mut stop => break,
                 }
-                () = shutdown.cancelled() => {}
             }
         }
         // Waiting, or handed and not taken: back to the outbox for the next start.
@@ -347,7 +368,9 @@ struct Lane {
     held: usize,
     in_flight: usize,
     /// How long the account's posts took lately (a moving average), from which the wait of
-    /// a new request is told: a dead receiver's posts take the whole timeout.
+    /// a new request is told: a dead receiver's posts take the whole timeout. A receiver that
+    /// dies while its lane holds many claimed webhooks may make some outwait their lease; they
+    /// are then claimed and posted again (webhooks are at least once).
     pace: Duration,
 }
 
