@@ -222,9 +222,11 @@ async fn a_name_that_resolves_to_loopback_is_never_connected_to() {
     }
 
     let error = refusal(&db, &b_hooks).await;
-    assert_eq!(
-        error,
-        "not sent: localhost resolves only to addresses that are not public, such as 127.0.0.1"
+    assert!(
+        error.starts_with(
+            "not sent: localhost resolves only to addresses that are not public, such as "
+        ),
+        "{error}"
     );
     if let Some(url) = &callback {
         let error = refusal(&db, url).await;
