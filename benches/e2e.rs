@@ -317,6 +317,7 @@ fn gateway_config(args: &Args, db: &Path, sim: &SimHandle, hook_url: &str) -> Co
         [store]
         {store}
         [webhooks]
+        allow_internal = ["127.0.0.1/32"]
         {webhooks}
         [privacy]
         pseudonym_key = "e2e-bench-pseudonym-key-0123456789"

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::api::auth::Scope;
 use crate::sim::SimConfig;
+use crate::webhook::egress::{Network, Reach};
 
 /// The whole configuration file. Every table is optional; an empty file is a working gateway
 /// with a simulated carrier (see `config/smsgw.toml`).
@@ -173,8 +174,22 @@ pub struct WebhooksConfig {
     pub retry_schedule: Schedule,
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
-    /// Most webhook requests in flight at once.
+    /// Most webhook requests in flight at once for one account: an account whose receiver is
+    /// slow or dead holds up only its own.
     pub concurrency: usize,
+    /// Networks (CIDR, or single addresses) besides public addresses that an account's
+    /// `webhook_url` may reach: the operator's own internal receivers. Never a `callback_url`.
+    pub allow_internal: Vec<String>,
+}
+
+impl WebhooksConfig {
+    /// The `allow_internal` networks (validated at load, so none is dropped here).
+    pub fn internal_networks(&self) -> Vec<Network> {
+        self.allow_internal
+            .iter()
+            .filter_map(|text| text.parse().ok())
+            .collect()
+    }
 }
 
 impl Default for WebhooksConfig {
@@ -184,6 +199,7 @@ impl Default for WebhooksConfig {
             retry_schedule: Schedule::from_secs(&[1, 5, 30, 120, 600, 3600]),
             give_up_after: Duration::from_secs(3 * 24 * 3600),
             concurrency: 32,
+            allow_internal: Vec::new(),
         }
     }
 }
@@ -1027,6 +1043,11 @@ impl Config {
             "privacy.pseudonym_key",
             "must be set to a secret of at least 16 characters",
         );
+        for (i, text) in self.webhooks.allow_internal.iter().enumerate() {
+            if let Err(e) = text.parse::<Network>() {
+                problems.push(format!("webhooks.allow_internal[{i}]: {e}"));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             problems.push(format!(
                 "logging.level: `{}` is not a valid filter",
@@ -1102,6 +1123,7 @@ impl Config {
     }
 
     fn validate_accounts(&self, problems: &mut Vec<String>) {
+        let reach = Reach::with_internal(self.webhooks.internal_networks());
         let mut names = std::collections::HashSet::new();
         let mut senders = std::collections::HashSet::new();
         for (i, account) in self.accounts.iter().enumerate() {
@@ -1156,10 +1178,16 @@ impl Config {
                 ));
             }
             if let Some(url) = &account.webhook_url {
-                if reqwest::Url::parse(url)
-                    .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
-                {
-                    problems.push(format!("{key}.webhook_url: must be an http or https URL"));
+                match reqwest::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {
+                        // A name is judged when posted, on what it resolves to then.
+                        if let Err(refused) = reach.check_url(&u) {
+                            problems.push(format!(
+                                "{key}.webhook_url: {refused}; list it in webhooks.allow_internal to post to it"
+                            ));
+                        }
+                    }
+                    _ => problems.push(format!("{key}.webhook_url: must be an http or https URL")),
                 }
                 if account.webhook_secret.is_none() {
                     problems.push(format!(
@@ -1678,5 +1706,53 @@ mod tests {
         assert!(error.contains("`max_segmentz`"), "{error}");
         assert!(error.contains("line 2, column 1"), "{error}");
         assert!(!error.contains(" | "), "no source snippet: {error}");
+    }
+
+    #[test]
+    fn internal_webhook_receivers_need_the_allow_list_which_is_checked_by_key() {
+        let account = |url: &str| {
+            format!(
+                "[[accounts]]\nname = \"a\"\napi_keys = [\"{HASH}\"]\n\
+                 webhook_url = \"{url}\"\nwebhook_secret = \"s\"\n"
+            )
+        };
+        for url in [
+            "http://127.0.0.1:9000/hooks",
+            "http://[::ffff:127.0.0.1]:9000/hooks",
+            "http://10.1.2.3/hooks",
+        ] {
+            let err = parse(&format!("{MINIMAL}{}", account(url)))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("accounts[0].webhook_url") && err.contains("webhooks.allow_internal"),
+                "{url}: {err}"
+            );
+        }
+        // A name is judged when posted; a listed network is allowed.
+        assert!(parse(&format!("{MINIMAL}{}", account("http://localhost:9000/"))).is_ok());
+        let allowed = format!(
+            "{MINIMAL}[webhooks]\nallow_internal = [\"127.0.0.1/32\", \"10.1.0.0/16\"]\n{}",
+            account("http://[::ffff:127.0.0.1]:9000/hooks")
+        );
+        let config = parse(&allowed).unwrap();
+        assert_eq!(config.webhooks.internal_networks().len(), 2);
+        assert!(
+            parse(&format!(
+                "{MINIMAL}[webhooks]\nallow_internal = [\"10.1.0.0/16\"]\n{}",
+                account("http://10.1.2.3/hooks")
+            ))
+            .is_ok()
+        );
+
+        let bad = format!(
+            "{MINIMAL}[webhooks]\nallow_internal = [\"10.1.2.3/16\", \"hooks.internal\"]\n"
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("webhooks.allow_internal[0]") && err.contains("10.1.0.0/16"),
+            "{err}"
+        );
+        assert!(err.contains("webhooks.allow_internal[1]"), "{err}");
     }
 }

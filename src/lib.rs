@@ -92,6 +92,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Tls(#[from] api::serve::TlsError),
+    #[error("cannot build the webhook client: {0}")]
+    WebhookClient(reqwest::Error),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then stops in order: the HTTP API stops
@@ -155,6 +157,7 @@ pub async fn run_with_reloads(
     let binds = TaskTracker::new();
     let simulators = CancellationToken::new();
     let live = reload::live(&config);
+    let egress = webhook::Egress::new(&config.webhooks).map_err(RunError::WebhookClient)?;
     let mut carriers = Vec::new();
     let unmatched = Arc::new(receipt::unmatched::UnmatchedLog::new(
         message::Pseudonymizer::new(config.privacy.pseudonym_key.expose().as_bytes()),
@@ -204,7 +207,7 @@ pub async fn run_with_reloads(
         WebhookSender {
             store: store.clone(),
             live: live.clone(),
-            client: WebhookSender::client(&config.webhooks),
+            egress,
             config: config.webhooks.clone(),
         }
         .run(shutdown.clone()),

@@ -26,6 +26,8 @@ pub struct Reloadable {
     pub webhook_secrets: HashMap<String, String>,
     /// Most events per webhook request, per account (`webhook_batch`).
     pub webhook_batches: HashMap<String, usize>,
+    /// The operator's `webhook_url` per account: the only URLs `webhooks.allow_internal` opens.
+    pub webhook_urls: HashMap<String, String>,
     pub policy: PolicyConfig,
 }
 
@@ -60,6 +62,11 @@ impl Reloadable {
                 .accounts
                 .iter()
                 .map(|a| (a.name.clone(), a.webhook_batch))
+                .collect(),
+            webhook_urls: config
+                .accounts
+                .iter()
+                .filter_map(|a| Some((a.name.clone(), a.webhook_url.clone()?)))
                 .collect(),
             policy: config.policy.clone(),
         }

@@ -45,6 +45,8 @@ fn config(db: &Path, carrier: std::net::SocketAddr, hooks: &str) -> String {
         path = "{db}"
         [messages]
         retry_schedule = ["200ms"]
+        [webhooks]
+        {ALLOW_LOOPBACK}
         [privacy]
         pseudonym_key = "test-pseudonym-key-0123456789"
         [logging]

@@ -666,6 +666,8 @@ async fn the_daemon_logs_no_number_text_key_or_secret_even_at_debug_level() {
         path = "{db}"
         [privacy]
         pseudonym_key = "{PSEUDONYM_KEY}"
+        [webhooks]
+        {ALLOW_LOOPBACK}
         [logging]
         format = "json"
         level = "debug"

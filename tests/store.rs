@@ -243,6 +243,35 @@ async fn a_claimed_message_is_sent_and_delivered_with_webhooks(store: &dyn Store
     assert_eq!(store.backlog().await.unwrap().2, 0);
 }
 
+/// A webhook the sender put off (its account's receiver is behind) waits until the time it
+/// was given, and the put-off claim is not counted as an attempt.
+async fn a_deferred_webhook_waits_until_its_time_uncounted(store: &dyn Store) {
+    submit(
+        store,
+        vec![new_message(TO, Category::Marketing, Some("http://h/"))],
+    )
+    .await;
+    let jobs = store.claim_webhooks(10, lease()).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].attempts, 1);
+    let now = now_ms();
+    let defer = |jobs: Vec<WebhookJob>, at| {
+        jobs.into_iter()
+            .map(|j| (j, WebhookResult::Deferred { at }))
+            .collect()
+    };
+    store.webhook_results(defer(jobs, now)).await.unwrap();
+    let jobs = store.claim_webhooks(10, lease()).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].attempts, 1, "the deferred claim was not an attempt");
+    store
+        .webhook_results(defer(jobs, now + 60_000))
+        .await
+        .unwrap();
+    assert!(store.claim_webhooks(10, lease()).await.unwrap().is_empty());
+    assert_eq!(store.next_webhook_due().await.unwrap(), Some(now + 60_000));
+}
+
 async fn a_receipt_before_its_submit_resp_is_parked_then_applied(store: &dyn Store) {
     let ids = submit(store, vec![new_message(TO, Category::Marketing, None)]).await;
     store.claim_due(10, lease()).await.unwrap();
@@ -600,6 +629,7 @@ conformance!(
     stored_messages_are_shown_and_listed_newest_first,
     an_idempotency_key_replays_the_first_answer,
     a_claimed_message_is_sent_and_delivered_with_webhooks,
+    a_deferred_webhook_waits_until_its_time_uncounted,
     a_receipt_before_its_submit_resp_is_parked_then_applied,
     a_carrier_id_used_again_names_the_newest_part,
     a_retry_is_claimed_again_when_due,

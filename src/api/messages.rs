@@ -27,6 +27,7 @@ use crate::store::{
     AccountPolicy, CancelResult, IdempotencyRequest, IdempotentAnswer, ListFilter, MessageView,
     NewMessage, RenderAnswer, SubmitResult,
 };
+use crate::webhook::egress;
 
 /// One message as an application submits it. Unknown fields are refused, so a typo such as
 /// `"catgory"` is an error rather than a silent default.
@@ -56,7 +57,9 @@ pub(super) struct SubmitRequest {
     valid_for: Option<String>,
     #[serde(default)]
     priority: Priority,
-    /// Where to post this message's status webhooks (else the account's `webhook_url`).
+    /// Where to post this message's status webhooks (else the account's `webhook_url`): an
+    /// http or https URL of at most 2,048 bytes that reaches a public address.
+    #[schema(max_length = 2048)]
     callback_url: Option<String>,
     /// Yours, echoed in webhooks; at most 128 bytes.
     reference: Option<String>,
@@ -658,27 +661,30 @@ fn parse_validity(text: &str, max: Duration) -> Result<Duration, ApiError> {
     Ok(validity)
 }
 
-/// A callback is set by an application, not the operator: it may not point at this machine or
-/// a private network (the admin API listens on loopback). The account's `webhook_url`, from
-/// the operator's configuration, may. Names that resolve to such addresses are not caught here.
+/// Longest `callback_url`, in bytes: real receivers' URLs are far shorter, and each message
+/// keeps its URL until it is purged.
+const MAX_CALLBACK_URL: usize = 2048;
+
+/// A callback is set by an application, not the operator: it may reach public addresses only
+/// (the admin API listens on loopback), whatever `webhooks.allow_internal` says. A literal
+/// address is judged here, by the rule the webhook sender applies to every address it
+/// connects to ([`egress::is_public`]); a name is judged when the webhook is posted, on what
+/// it then resolves to.
 fn check_callback_url(url: &str) -> Result<(), ApiError> {
     let invalid =
         |message: &str| ApiError::invalid("invalid_callback_url", "callback_url", message);
+    if url.len() > MAX_CALLBACK_URL {
+        return Err(invalid(&format!(
+            "`callback_url` has at most {MAX_CALLBACK_URL} bytes"
+        )));
+    }
     let url = reqwest::Url::parse(url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
         .ok_or_else(|| invalid("`callback_url` must be an absolute http or https URL"))?;
-    let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+    let host = url.host_str().unwrap_or("").trim_end_matches('.');
     let private = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => {
-            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
-        }
-        Ok(std::net::IpAddr::V6(ip)) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || ip.is_unique_local()
-                || ip.is_unicast_link_local()
-        }
+        Ok(address) => !egress::is_public(address),
         Err(_) => host.is_empty() || host == "localhost" || host.ends_with(".localhost"),
     };
     if private {

@@ -464,6 +464,11 @@ pub enum WebhookResult {
     },
     /// Not posted (the sender stopped first): waiting again at once, the attempt not counted.
     Unposted,
+    /// Not posted (its account's receiver is behind): waiting again from `at`, the attempt not
+    /// counted.
+    Deferred {
+        at: i64,
+    },
 }
 
 /// Wakes the workers that wait for new rows, so they need not poll.

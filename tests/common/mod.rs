@@ -24,6 +24,9 @@ pub const KEY_B: &str = "key-of-account-b";
 /// Account c may send service messages to opted-out numbers and follows number changes.
 pub const KEY_C: &str = "key-of-account-c";
 pub const HOOK_SECRET: &str = "webhook-secret-of-a";
+/// The `[webhooks]` key that lets webhooks reach the tests' receivers on loopback, which are
+/// internal and so refused by default.
+pub const ALLOW_LOOPBACK: &str = r#"allow_internal = ["127.0.0.1/32"]"#;
 
 /// A simulated carrier that stops when dropped.
 pub struct Sim {
@@ -94,6 +97,7 @@ pub fn config_text(db: &Path, carrier: SocketAddr, hooks: Option<&str>) -> Strin
         retry_schedule = ["200ms"]
         [webhooks]
         retry_schedule = ["100ms"]
+        {ALLOW_LOOPBACK}
         [privacy]
         pseudonym_key = "test-pseudonym-key-0123456789"
         [policy]

@@ -181,6 +181,9 @@ pub(super) async fn webhook_results<D: Sql>(
                 db.outbox_retry(job.id, *at, error).await?;
             }
             (WebhookCopy::Outbox, WebhookResult::Unposted) => db.outbox_unposted(job.id).await?,
+            (WebhookCopy::Outbox, WebhookResult::Deferred { at }) => {
+                db.outbox_defer(job.id, *at).await?;
+            }
             (WebhookCopy::Event, WebhookResult::Delivered | WebhookResult::GiveUp { .. }) => {}
             (WebhookCopy::Event, WebhookResult::RetryAt { at, error }) => {
                 let row = OutboxRow {
@@ -197,6 +200,10 @@ pub(super) async fn webhook_results<D: Sql>(
             (WebhookCopy::Event, WebhookResult::Unposted) => {
                 let (account, url, payload) = (&job.account, &job.url, &job.payload);
                 enqueue_webhook(db, account, url, payload, job.created_at, now, effects).await?;
+            }
+            (WebhookCopy::Event, WebhookResult::Deferred { at }) => {
+                let (account, url, payload) = (&job.account, &job.url, &job.payload);
+                enqueue_webhook(db, account, url, payload, job.created_at, *at, effects).await?;
             }
         }
     }

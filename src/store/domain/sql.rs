@@ -428,6 +428,9 @@ pub(crate) trait Sql {
     async fn outbox_retry(&mut self, id: i64, at: i64, error: &str) -> Result<(), StoreError>;
     /// Not posted: waiting again at once, the attempt not counted.
     async fn outbox_unposted(&mut self, id: i64) -> Result<(), StoreError>;
+    /// Not posted (its account's receiver is behind): waiting again from `at`, the attempt
+    /// not counted.
+    async fn outbox_defer(&mut self, id: i64, at: i64) -> Result<(), StoreError>;
     /// Every handed webhook up to this event id is settled.
     async fn settle_handed(&mut self, through: i64) -> Result<(), StoreError>;
 

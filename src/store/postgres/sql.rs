@@ -1216,6 +1216,18 @@ impl Sql for PgTx<'_> {
         Ok(())
     }
 
+    async fn outbox_defer(&mut self, id: i64, at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1, due_at = $2
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     async fn settle_handed(&mut self, _through: i64) -> Result<(), StoreError> {
         // Nothing is handed here (see `handoff`).
         Ok(())

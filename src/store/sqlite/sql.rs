@@ -1071,6 +1071,16 @@ impl Sql for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    async fn outbox_defer(&mut self, id: i64, at: i64) -> Result<(), StoreError> {
+        run(
+            self.tx,
+            "UPDATE webhooks SET locked_until = NULL, attempts = attempts - 1, due_at = ?2
+             WHERE id = ?1",
+            params![id, at],
+        )?;
+        Ok(())
+    }
+
     async fn settle_handed(&mut self, through: i64) -> Result<(), StoreError> {
         run(
             self.tx,
